@@ -1,0 +1,16 @@
+"""vitkit: Vision Transformers with timm-compatible weights, MAE pretraining, fine-tuning and export."""
+
+from vit.export.load import load_backbone, load_weights
+from vit.models import MaskedAutoencoder, VisionTransformer, create_model, list_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskedAutoencoder",
+    "VisionTransformer",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_backbone",
+    "load_weights",
+]

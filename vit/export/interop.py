@@ -1,0 +1,80 @@
+"""Key maps between our state dicts, timm's VisionTransformer and the official MAE checkpoints.
+
+Our encoder already uses timm's names; only the MAP head differs (timm: separate ``q`` and ``kv``
+projections; ours: the one ``Attention`` with a fused ``qkv``). Our ``MaskedAutoencoder`` nests the encoder
+under ``encoder.``; the official MAE keeps encoder keys at the top level beside the ``decoder_*`` keys.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Layout = Literal["vit", "timm", "mae", "mae_official"]
+
+MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+_MAP_ATTN = ("q_norm", "k_norm", "proj")
+
+
+def detect_layout(state_dict: dict[str, torch.Tensor]) -> Layout:
+    """Name the layout of a state dict: our ViT, timm's ViT, our MAE, or the official MAE (with decoder)."""
+    keys = state_dict.keys()
+    if any(k.startswith("encoder.") for k in keys):
+        return "mae"
+    if any(k.startswith(MAE_DECODER_PREFIXES) for k in keys):
+        return "mae_official"
+    if "attn_pool.q.weight" in keys or "attn_pool.kv.weight" in keys:
+        return "timm"
+    return "vit"
+
+
+def timm_to_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm ViT → ours: fuse the MAP head's ``q`` and ``kv`` into one ``attn.qkv``; other keys are equal."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("attn_pool.kv."):
+            continue
+        if k.startswith("attn_pool.q."):
+            suffix = k.removeprefix("attn_pool.q.")
+            out[f"attn_pool.attn.qkv.{suffix}"] = torch.cat([v, state_dict[f"attn_pool.kv.{suffix}"]], dim=0)
+        elif k.startswith(tuple(f"attn_pool.{n}." for n in _MAP_ATTN)):
+            out["attn_pool.attn." + k.removeprefix("attn_pool.")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def vit_to_timm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ours → timm ViT: split the MAP head's ``attn.qkv`` into ``q`` and ``kv``; other keys are equal."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith("attn_pool.attn.qkv."):
+            suffix = k.removeprefix("attn_pool.attn.qkv.")
+            q, kv = v.split([v.shape[0] // 3, 2 * v.shape[0] // 3], dim=0)
+            out[f"attn_pool.q.{suffix}"], out[f"attn_pool.kv.{suffix}"] = q, kv
+        elif k.startswith("attn_pool.attn."):
+            out["attn_pool." + k.removeprefix("attn_pool.attn.")] = v
+        else:
+            out[k] = v
+    return out
+
+
+def mae_official_to_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official MAE (encoder at the top level, ``decoder_*`` beside it) → our ``MaskedAutoencoder``."""
+    return {k if k.startswith(MAE_DECODER_PREFIXES) else f"encoder.{k}": v for k, v in state_dict.items()}
+
+
+def vit_to_mae_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our ``MaskedAutoencoder`` (or a bare encoder) → the official MAE layout."""
+    return {k.removeprefix("encoder."): v for k, v in state_dict.items()}
+
+
+def encoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder of an MAE state dict in any layout (decoder dropped), in our ViT layout."""
+    layout = detect_layout(state_dict)
+    if layout == "mae":
+        return {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+    if layout == "mae_official":
+        return {k: v for k, v in state_dict.items() if not k.startswith(MAE_DECODER_PREFIXES)}
+    return timm_to_vit(state_dict) if layout == "timm" else dict(state_dict)

@@ -1,0 +1,19 @@
+"""Models: the VisionTransformer, its heads, the masked autoencoder, and the registry of named sizes."""
+
+from vit.models.block import Block
+from vit.models.heads import MAPHead
+from vit.models.mae import MaskedAutoencoder
+from vit.models.registry import SIZES, create_model, list_models, model_config, register_model
+from vit.models.vision_transformer import VisionTransformer
+
+__all__ = [
+    "SIZES",
+    "Block",
+    "MAPHead",
+    "MaskedAutoencoder",
+    "VisionTransformer",
+    "create_model",
+    "list_models",
+    "model_config",
+    "register_model",
+]
