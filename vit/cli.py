@@ -1,0 +1,107 @@
+"""The ``vit`` command: LightningCLI for fit / validate / test / predict, plus export, bench and plan verbs."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from vit.data import ImageDataModule
+
+# verbs outside LightningCLI: name -> module with ``main(argv) -> int``
+COMMANDS = {"export": "vit.export.command", "bench": "vit.bench", "plan": "vit.plan"}
+
+log = logging.getLogger("vit")
+
+
+class VitCLI(LightningCLI):
+    """LightningCLI with the data module fixed, the model chosen by ``class_path``, and values linked once."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.img_size", "model.init_args.img_size")
+
+    def before_fit(self) -> None:
+        _announce_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+
+    def after_fit(self) -> None:
+        _report_outputs(self.trainer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vit`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return int(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():
+        os.environ.setdefault("WANDB_MODE", "offline")  # no key: wandb logs locally, never blocks on a login
+    for pattern in (".*'set_vital' is deprecated.*", r".*isinstance\(treespec, LeafSpec\).*"):
+        warnings.filterwarnings("ignore", message=pattern)  # third-party deprecation noise, not the user's concern
+    torch.set_float32_matmul_precision("high")
+    VitCLI(
+        LightningModule,
+        ImageDataModule,
+        subclass_mode_model=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "vitkit: pretrain, fine-tune, evaluate and use Vision Transformers."},
+    )
+    return 0
+
+
+def _checkpoint_callback(trainer) -> ModelCheckpoint | None:
+    return next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+
+def _announce_resume(trainer, ckpt_path: str | None) -> None:
+    if ckpt_path is None:
+        return
+    if ckpt_path == "last":
+        cb = _checkpoint_callback(trainer)
+        dirpath = Path(cb.dirpath) if cb is not None and cb.dirpath else None
+        last = dirpath / "last.ckpt" if dirpath is not None else None
+        if last is None or not last.is_file():
+            rank_zero_info(f"--ckpt_path last: nothing to resume under {dirpath}; starting from scratch")
+            return
+        ckpt_path = str(last)
+    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    rank_zero_info(f"resuming from {ckpt_path}: epoch {meta.get('epoch')}, global step {meta.get('global_step')}")
+
+
+def _report_outputs(trainer) -> None:
+    cb = _checkpoint_callback(trainer)
+    lines = []
+    if cb is not None:
+        if cb.last_model_path:
+            lines.append(f"  last checkpoint: {cb.last_model_path}")
+        if cb.best_model_path:
+            lines.append(f"  best checkpoint: {cb.best_model_path} ({cb.monitor} = {cb.best_model_score:.4g})"
+                         if cb.best_model_score is not None else f"  best checkpoint: {cb.best_model_path}")
+    if trainer.log_dir:
+        log_dir = Path(trainer.log_dir).resolve()
+        metrics = log_dir / "metrics.csv"
+        if metrics.is_file():
+            lines.append(f"  metrics:         {metrics}")
+            from vit.train.figures import save_learning_curves
+
+            curves = save_learning_curves(metrics, log_dir / "learning_curves.png")
+            if curves is not None:
+                lines.append(f"  learning curves: {curves}")
+        recon = log_dir / "reconstructions"
+        if recon.is_dir():
+            lines.append(f"  reconstructions: {recon}")
+    if lines:
+        rank_zero_info("outputs:\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""MAEPretrainer: the LightningModule that pretrains a MaskedAutoencoder (masking happens only here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from vit.models import MaskedAutoencoder, create_model
+from vit.train.optim import build_adamw, param_groups, scaled_lr, warmup_cosine
+from vit.train.schedule import effective_batch_size, steps_per_epoch
+
+
+class MAEPretrainer(LightningModule):
+    """Masked-autoencoder pretraining with the paper's recipe: AdamW (0.9, 0.95), lr scaled by batch, warmup + cosine.
+
+    Args:
+        model: a registered MAE name, e.g. ``mae_vit_base_patch16``.
+        model_kwargs: constructor overrides of that model (e.g. ``{"patch_size": 4, "embed_dim": 128}``).
+        img_size: input size (linked from ``data.img_size`` by the CLI).
+        mask_ratio: fraction of patches removed per image, in [0, 1).
+        norm_pix_loss: regress per-patch normalised pixels.
+        base_lr: lr per 256 images; the lr is ``base_lr × effective batch / 256`` unless ``lr`` is given.
+        lr: absolute lr (overrides the scaling rule).
+        weight_decay: AdamW decay (none on norms, biases, tokens, positions).
+        betas: AdamW betas.
+        warmup_epochs: linear warmup length (per step), then cosine to ``min_lr_ratio × lr``.
+        compile: run the network through ``torch.compile``.
+    """
+
+    def __init__(
+        self,
+        model: str = "mae_vit_base_patch16",
+        model_kwargs: dict[str, Any] | None = None,
+        img_size: int | tuple[int, int] | None = None,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        base_lr: float = 1.5e-4,
+        lr: float | None = None,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_epochs: float = 40.0,
+        min_lr_ratio: float = 0.0,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"model.mask_ratio must be in [0, 1), got {mask_ratio}")
+        if warmup_epochs < 0:
+            raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.save_hyperparameters()
+        kwargs = dict(model_kwargs or {}, norm_pix_loss=norm_pix_loss)
+        if img_size is not None:
+            kwargs["img_size"] = img_size
+        self.model = create_model(model, **kwargs)
+        if not isinstance(self.model, MaskedAutoencoder):
+            raise ValueError(f"model.model {model!r} is not a masked autoencoder; pick one of vit.list_models('mae_*')")
+        self.mask_ratio = mask_ratio
+        self._forward = torch.compile(self.model) if compile else self.model
+        self.run_info: dict[str, float] = {}
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
+        """(loss, pred, mask) of the MAE at this module's mask ratio (or the one given)."""
+        return self._forward(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self(_images(batch))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=_images(batch).shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        imgs = _images(batch)
+        # a fixed mask per batch index, so epochs are compared on the same masks
+        gen = torch.Generator().manual_seed(batch_idx)
+        noise = torch.rand(imgs.shape[0], self.model.encoder.patch_embed.num_patches, generator=gen)
+        loss, _, _ = self(imgs, noise=noise.to(imgs.device))
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=imgs.shape[0])
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        eff_batch = effective_batch_size(self.trainer)
+        lr = self.hparams.lr if self.hparams.lr is not None else scaled_lr(self.hparams.base_lr, eff_batch)
+        optimizer = build_adamw(param_groups(self.model, self.hparams.weight_decay), lr, self.hparams.betas)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer))
+        scheduler = warmup_cosine(optimizer, warmup, total, self.hparams.min_lr_ratio)
+        self.run_info = {"effective_batch_size": eff_batch, "lr": lr, "warmup_steps": warmup, "total_steps": total}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        info = self.run_info
+        rank_zero_info(
+            f"effective batch {info['effective_batch_size']} (devices x batch x accumulation) -> lr {info['lr']:.3g}"
+            f" (base_lr {self.hparams.base_lr:g} x {info['effective_batch_size']} / 256); "
+            f"{info['warmup_steps']} warmup steps of {info['total_steps']}; mask ratio {self.mask_ratio}"
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams(info)
+
+
+def _images(batch: Any) -> torch.Tensor:
+    return batch[0] if isinstance(batch, list | tuple) else batch
