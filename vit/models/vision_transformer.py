@@ -153,6 +153,13 @@ class VisionTransformer(nn.Module):
         """Parameter names that take no weight decay besides norms and biases (timm's convention)."""
         return {"pos_embed", "cls_token", "reg_token", "attn_pool.latent"}
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Regexes that assign parameters to layers (timm's convention; used for layer-wise lr decay)."""
+        return {
+            "stem": r"^cls_token|reg_token|pos_embed|patch_embed",
+            "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] → patch tokens with prefix tokens and positions [B, prefix + N, D]."""
         grid = self.patch_embed.grid_size_for(tuple(x.shape[-2:]))

@@ -48,7 +48,8 @@ class ReconstructionPlotter(Callback):
             return
         model = pl_module.model
         imgs = self._batch.to(pl_module.device)
-        noise = torch.rand(imgs.shape[0], model.encoder.patch_embed.num_patches, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)  # the same masks every time, so figures show progress
+        noise = torch.rand(imgs.shape[0], model.encoder.patch_embed.num_patches, generator=gen)
         with torch.no_grad():
             _, pred, mask = pl_module(imgs, noise=noise.to(imgs.device))
             recon = model.reconstruct(imgs, pred)

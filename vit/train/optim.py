@@ -22,7 +22,7 @@ def param_groups(
     """
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     if layer_decay is not None and layer_decay < 1.0:
-        if not 0.0 < layer_decay:
+        if layer_decay <= 0.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
         return param_groups_layer_decay(model, weight_decay, skip, layer_decay=layer_decay)
     return param_groups_weight_decay(model, weight_decay, skip)
