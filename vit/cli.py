@@ -10,9 +10,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning import LightningModule
+from lightning import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from vit.data import ImageDataModule
@@ -30,7 +31,10 @@ class VitCLI(LightningCLI):
         parser.link_arguments("data.img_size", "model.init_args.img_size")
 
     def before_fit(self) -> None:
-        _announce_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        self.trainer.callbacks.append(WandbRunId())
+        ckpt = _resolve_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        if ckpt is not None:
+            _reattach_wandb(self.trainer, ckpt)
 
     def after_fit(self) -> None:
         _report_outputs(self.trainer)
@@ -62,19 +66,40 @@ def _checkpoint_callback(trainer) -> ModelCheckpoint | None:
     return next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
 
 
-def _announce_resume(trainer, ckpt_path: str | None) -> None:
+class WandbRunId(Callback):
+    """Stores the wandb run id in checkpoints so a resumed run continues the same wandb run."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.version:
+                checkpoint["wandb_run_id"] = logger.version
+
+
+def _resolve_resume(trainer, ckpt_path: str | None) -> dict | None:
+    """Say what a resume will start from (or that there is nothing to resume); return the checkpoint's dict."""
     if ckpt_path is None:
-        return
+        return None
     if ckpt_path == "last":
         cb = _checkpoint_callback(trainer)
         dirpath = Path(cb.dirpath) if cb is not None and cb.dirpath else None
         last = dirpath / "last.ckpt" if dirpath is not None else None
         if last is None or not last.is_file():
             rank_zero_info(f"--ckpt_path last: nothing to resume under {dirpath}; starting from scratch")
-            return
+            return None
         ckpt_path = str(last)
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    rank_zero_info(f"resuming from {ckpt_path}: epoch {meta.get('epoch')}, global step {meta.get('global_step')}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    rank_zero_info(f"resuming from {ckpt_path}: epoch {ckpt.get('epoch')}, global step {ckpt.get('global_step')}")
+    return ckpt
+
+
+def _reattach_wandb(trainer, ckpt: dict) -> None:
+    run_id = ckpt.get("wandb_run_id")
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and run_id and logger._experiment is None and not logger._id:
+            # the experiment is created lazily at fit start: point it at the checkpoint's run first
+            logger._wandb_init.update(id=run_id, resume="allow")
+            logger._id = run_id
+            rank_zero_info(f"wandb: continuing run {run_id}")
 
 
 def _report_outputs(trainer) -> None:
