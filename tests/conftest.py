@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# one digits cache per test session (subprocesses inherit it), never the user's ~/.cache
+os.environ["VIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitkit-test-cache-")
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
 TINY_MAE = dict(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
