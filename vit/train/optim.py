@@ -24,8 +24,8 @@ def param_groups(
     if layer_decay is not None and layer_decay < 1.0:
         if layer_decay <= 0.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
-        return param_groups_layer_decay(model, weight_decay, skip, layer_decay=layer_decay)
-    return param_groups_weight_decay(model, weight_decay, skip)
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
 def build_adamw(

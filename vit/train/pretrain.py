@@ -8,7 +8,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from vit.models import MaskedAutoencoder, create_model
+from vit.models import MaskedAutoencoder, create_model, model_config
 from vit.train.optim import build_adamw, param_groups, scaled_lr, warmup_cosine
 from vit.train.schedule import effective_batch_size, steps_per_epoch
 
@@ -51,12 +51,12 @@ class MAEPretrainer(LightningModule):
         if warmup_epochs < 0:
             raise ValueError(f"model.warmup_epochs must be >= 0, got {warmup_epochs}")
         self.save_hyperparameters()
+        if not issubclass(model_config(model)[0], MaskedAutoencoder):
+            raise ValueError(f"model.model {model!r} is not a masked autoencoder; pick one of vit.list_models('mae_*')")
         kwargs = dict(model_kwargs or {}, norm_pix_loss=norm_pix_loss)
         if img_size is not None:
             kwargs["img_size"] = img_size
         self.model = create_model(model, **kwargs)
-        if not isinstance(self.model, MaskedAutoencoder):
-            raise ValueError(f"model.model {model!r} is not a masked autoencoder; pick one of vit.list_models('mae_*')")
         self.mask_ratio = mask_ratio
         self._forward = torch.compile(self.model) if compile else self.model
         self.run_info: dict[str, float] = {}
@@ -79,10 +79,10 @@ class MAEPretrainer(LightningModule):
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=imgs.shape[0])
 
     def configure_optimizers(self) -> dict[str, Any]:
+        total = int(self.trainer.estimated_stepping_batches)  # first: it sets up the train loader
         eff_batch = effective_batch_size(self.trainer)
         lr = self.hparams.lr if self.hparams.lr is not None else scaled_lr(self.hparams.base_lr, eff_batch)
         optimizer = build_adamw(param_groups(self.model, self.hparams.weight_decay), lr, self.hparams.betas)
-        total = int(self.trainer.estimated_stepping_batches)
         warmup = round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer))
         scheduler = warmup_cosine(optimizer, warmup, total, self.hparams.min_lr_ratio)
         self.run_info = {"effective_batch_size": eff_batch, "lr": lr, "warmup_steps": warmup, "total_steps": total}
