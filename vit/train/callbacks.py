@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 class ReconstructionPlotter(Callback):
     """Every ``every_n_epochs`` validation, save a PNG of original | masked | reconstruction | + visible patches.
 
-    The same validation images and masks are used each time so the figures show progress. With
+    The same validation images (spread through the val set) and masks are used each time, so the figures
+    show progress. With
     ``norm_pix_loss`` the prediction is de-normalised with each patch's own mean and variance before display.
     The figure goes to ``<log_dir>/reconstructions/`` and to wandb when that logger is on.
 
@@ -35,17 +36,14 @@ class ReconstructionPlotter(Callback):
         self._batch: torch.Tensor | None = None
         self.last_path: Path | None = None
 
-    def on_validation_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        if self._batch is None or self._batch.shape[0] < self.num_images:
-            imgs = batch[0] if isinstance(batch, list | tuple) else batch
-            kept = [] if self._batch is None else [self._batch]
-            self._batch = torch.cat(kept + [imgs.detach().cpu()])[: self.num_images]
-
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or self._batch is None or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        if self._batch is None:
+            self._batch = _spread_images(trainer, self.num_images)
+            if self._batch is None:
+                return
         model = pl_module.model
         imgs = self._batch.to(pl_module.device)
         gen = torch.Generator().manual_seed(0)  # the same masks every time, so figures show progress
@@ -69,6 +67,18 @@ class ReconstructionPlotter(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="val/reconstruction", images=[str(path)], step=trainer.global_step)
+
+
+def _spread_images(trainer: Trainer, n: int) -> torch.Tensor | None:
+    """``n`` validation images evenly spaced through the data set (folders are sorted by class)."""
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return None
+    indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().tolist()
+    items = [dataset[i] for i in indices]
+    return torch.stack([item[0] if isinstance(item, list | tuple) else item for item in items])
 
 
 def _stats(trainer: Trainer, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

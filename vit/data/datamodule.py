@@ -1,0 +1,288 @@
+"""ImageDataModule: an ImageFolder tree (or the built-in digits) to batches of [B, 3, H, W] float32.
+
+Your own data: point `root` at a folder laid out as either
+
+    root/train/<class>/<image>  and  root/val/<class>/<image>    (folder names set by train_dir / val_dir)
+    root/<class>/<image>                                         (held-out val: val_split, e.g. 0.1)
+
+Class names are the sorted sub-folder names of the train folder; every one needs at least one image.
+With `root` unset the built-in digits are written once under the cache directory (see vit.data.builtin).
+In YAML:
+
+    data:
+      root: /data/flowers
+      img_size: 224
+      batch_size: 128
+      num_workers: 8
+      aug: randaug
+
+Training order and augmentation are a pure function of (seed, epoch) through EpochSeededSampler, and the
+train loader is a StatefulDataLoader whose position Lightning stores in checkpoints, so a resumed run sees
+the same remaining batches. Test uses the val set; predict uses `predict_paths` (files and folders) or,
+when unset, the val images.
+"""
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from vit.data.builtin import DIGITS_CLASSES, prepare_digits
+from vit.data.datasets import ImageFolderDataset, PredictDataset, find_classes, scan
+from vit.data.sampler import EpochSeededSampler
+from vit.data.split import stratified_split
+from vit.data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    TRAIN_PRESETS,
+    build_eval_transform,
+    build_pretrain_transform,
+    build_train_transform,
+    to_hw,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Train / val / test / predict loaders over an ImageFolder tree or the built-in digits.
+
+    Args:
+        root: data folder (see module docstring); None uses the built-in digits.
+        img_size: output size, an int or (h, w).
+        batch_size: samples per batch for every loader.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        pin_memory: pin batches in page-locked memory; None means "when CUDA is available".
+        train_dir, val_dir: sub-folder names of the split layout.
+        val_split: fraction of each class held out for val when root has no val folder (seeded by `seed`).
+        task: "pretrain" uses the MAE crop/flip pipeline for training, "classify" the `aug` preset.
+        aug: classification augmentation preset, a key of TRAIN_PRESETS.
+        mean, std: per-channel normalisation (ImageNet by default).
+        seed: seeds the train order, the per-sample augmentation and the val_split.
+        on_bad_image: "error" stops at an unreadable file, naming it; "skip" logs it and uses the next one.
+        scan: decode every file in setup and report all unreadable ones at once (an error with
+            on_bad_image="error", a warning with "skip").
+        cache_dir: where the built-in digits are written (default $VIT_CACHE_DIR or ~/.cache/vitkit).
+        predict_paths: image files and/or folders for predict; None predicts the val images.
+        drop_last: drop the last incomplete train batch.
+        crop_pct: eval resize-then-center-crop ratio; 1.0 resizes straight to img_size.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        img_size: int | tuple[int, int] = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        val_split: float = 0.0,
+        task: Literal["pretrain", "classify"] = "classify",
+        aug: str = "light",
+        mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
+        std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
+        seed: int = 0,
+        on_bad_image: Literal["error", "skip"] = "error",
+        scan: bool = False,
+        cache_dir: str | None = None,
+        predict_paths: list[str] | str | None = None,
+        drop_last: bool = True,
+        crop_pct: float = 0.875,
+    ) -> None:
+        super().__init__()
+        if isinstance(img_size, list):
+            img_size = tuple(img_size)
+        _check_args(locals())
+        self.save_hyperparameters()
+        self.img_size = to_hw(img_size)
+        self.train_root, self.val_root = _resolve_layout(root, train_dir, val_dir, val_split)
+        self._class_names = list(DIGITS_CLASSES) if root is None else find_classes(self.train_root)
+        self.train_dataset: ImageFolderDataset | None = None
+        self.val_dataset: ImageFolderDataset | None = None
+        self.predict_dataset: PredictDataset | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names)
+
+    def prepare_data(self) -> None:
+        """Write the built-in digits once (Lightning calls this on one process per node)."""
+        if self.hparams.root is None:
+            prepare_digits(self.img_size, self.hparams.cache_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the data sets the stage needs; safe to call more than once and in every process."""
+        if self.hparams.root is None and self.train_root is None:
+            self.train_root = prepare_digits(self.img_size, self.hparams.cache_dir) / "train"
+            self.val_root = self.train_root.parent / "val"
+        if self.train_dataset is None and (stage != "predict" or self.hparams.predict_paths is None):
+            self._build_folder_datasets()
+        if self.predict_dataset is None and stage in ("predict", None):
+            self._build_predict_dataset()
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        ds = self._need(self.train_dataset, "train")
+        sampler = EpochSeededSampler(len(ds), shuffle=True, seed=self.hparams.seed)
+        return StatefulDataLoader(
+            ds,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            drop_last=self.hparams.drop_last,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_dataset is None:
+            return []  # Lightning skips validation for an empty list
+        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        ds = self._need(self.val_dataset, "val (used for test)")
+        return DataLoader(ds, batch_size=self.hparams.batch_size, **self._loader_kwargs())
+
+    def predict_dataloader(self) -> DataLoader:
+        ds = self._need(self.predict_dataset, "predict")
+        return DataLoader(ds, batch_size=self.hparams.batch_size, **self._loader_kwargs())
+
+    def _build_folder_datasets(self) -> None:
+        hp = self.hparams
+        if hp.scan:
+            self._scan()
+        if hp.task == "pretrain":
+            train_tf = build_pretrain_transform(self.img_size, hp.mean, hp.std)
+        else:
+            train_tf = build_train_transform(self.img_size, hp.mean, hp.std, preset=hp.aug)
+        eval_tf = build_eval_transform(self.img_size, hp.mean, hp.std, crop_pct=hp.crop_pct)
+        full = ImageFolderDataset(self.train_root, None, self._class_names, hp.on_bad_image)
+        if self.val_root is not None:
+            self.train_dataset = full.select(range(len(full)), train_tf)
+            self.val_dataset = ImageFolderDataset(self.val_root, eval_tf, self._class_names, hp.on_bad_image)
+        elif hp.val_split > 0:
+            train_idx, val_idx = stratified_split(full.targets, hp.val_split, hp.seed)
+            self.train_dataset = full.select(train_idx, train_tf)
+            self.val_dataset = full.select(val_idx, eval_tf) if val_idx else None
+        else:
+            self.train_dataset = full.select(range(len(full)), train_tf)
+        if hp.drop_last and len(self.train_dataset) < hp.batch_size:
+            raise ValueError(
+                f"batch_size={hp.batch_size} is larger than the {len(self.train_dataset)} training images in "
+                f"{str(self.train_root)!r}: with drop_last=True there would be no batch; lower batch_size"
+            )
+        self._log_sizes()
+
+    def _build_predict_dataset(self) -> None:
+        hp = self.hparams
+        eval_tf = build_eval_transform(self.img_size, hp.mean, hp.std, crop_pct=hp.crop_pct)
+        if hp.predict_paths is not None:
+            self.predict_dataset = PredictDataset(hp.predict_paths, eval_tf)
+        else:
+            ds = self.val_dataset if self.val_dataset is not None else self.train_dataset
+            self.predict_dataset = PredictDataset([p for p, _ in ds.samples], eval_tf)
+
+    def _scan(self) -> None:
+        roots = [r for r in (self.train_root, self.val_root) if r is not None]
+        bad = [item for r in roots for item in scan(r)]
+        if not bad:
+            return
+        listing = "\n".join(f"  {p}: {reason}" for p, reason in bad)
+        message = f"scan found {len(bad)} unreadable image(s):\n{listing}"
+        if self.hparams.on_bad_image == "error":
+            raise ValueError(message + "\nfix or remove them, or set on_bad_image='skip'")
+        log.warning("%s\nthey will be skipped (on_bad_image='skip')", message)
+
+    def _loader_kwargs(self) -> dict:
+        hp = self.hparams
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        return dict(num_workers=hp.num_workers, pin_memory=pin, persistent_workers=hp.num_workers > 0)
+
+    def _need(self, ds: Dataset | None, name: str) -> Dataset:
+        if ds is None:
+            raise RuntimeError(f"no {name} data set: call setup() first (Lightning's Trainer does)")
+        return ds
+
+    @rank_zero_only
+    def _log_sizes(self) -> None:
+        val = len(self.val_dataset) if self.val_dataset is not None else 0
+        root = self.hparams.root or f"built-in digits at {self.train_root.parent}"
+        log.info(
+            "data %s: %d train / %d val images, %d classes",
+            root,
+            len(self.train_dataset),
+            val,
+            self.num_classes,
+        )
+
+
+def _check_args(args: dict) -> None:
+    """Raise ValueError naming the first invalid constructor argument."""
+
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"ImageDataModule: {field} must be {what}, got {args[field]!r}")
+
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    try:
+        to_hw(args["img_size"])
+    except (ValueError, TypeError):
+        need(False, "img_size", "a positive int or an (h, w) pair of positive ints")
+    need(is_int(args["batch_size"]) and args["batch_size"] > 0, "batch_size", "a positive int")
+    need(is_int(args["num_workers"]) and args["num_workers"] >= 0, "num_workers", "an int >= 0")
+    need(args["pin_memory"] in (None, True, False), "pin_memory", "true, false or null")
+    for field in ("train_dir", "val_dir"):
+        need(isinstance(args[field], str) and args[field] not in ("", ".", ".."), field, "a sub-folder name")
+    val_split, crop_pct = args["val_split"], args["crop_pct"]
+    need(isinstance(val_split, (int, float)) and 0.0 <= val_split < 1.0, "val_split", "in [0, 1)")
+    need(args["task"] in ("pretrain", "classify"), "task", "'pretrain' or 'classify'")
+    need(args["aug"] in TRAIN_PRESETS, "aug", f"one of {sorted(TRAIN_PRESETS)}")
+    for field in ("mean", "std"):
+        v = args[field]
+        need(
+            isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
+            field,
+            "three numbers (one per RGB channel)",
+        )
+    need(all(s > 0 for s in args["std"]), "std", "positive")
+    need(is_int(args["seed"]) and args["seed"] >= 0, "seed", "an int >= 0")
+    need(args["on_bad_image"] in ("error", "skip"), "on_bad_image", "'error' or 'skip'")
+    need(isinstance(args["drop_last"], bool), "drop_last", "true or false")
+    need(isinstance(crop_pct, (int, float)) and 0.0 < crop_pct <= 1.0, "crop_pct", "in (0, 1]")
+    if args["root"] is not None:
+        need(Path(args["root"]).expanduser().is_dir(), "root", "an existing folder")
+    paths = args["predict_paths"]
+    if paths is not None:
+        for p in [paths] if isinstance(paths, str) else paths:
+            if not Path(p).expanduser().exists():
+                raise ValueError(f"ImageDataModule: predict_paths entry {p!r} does not exist")
+
+
+def _resolve_layout(
+    root: str | None, train_dir: str, val_dir: str, val_split: float
+) -> tuple[Path | None, Path | None]:
+    """(train folder, val folder or None); (None, None) for the digits, resolved in setup."""
+    if root is None:
+        if val_split > 0:
+            raise ValueError("ImageDataModule: val_split is for a root without a val folder; digits have one")
+        return None, None
+    root_p = Path(root).expanduser()
+    train_p, val_p = root_p / train_dir, root_p / val_dir
+    if not train_p.is_dir():
+        if val_p.is_dir():
+            raise ValueError(f"ImageDataModule: root {root!r} has a {val_dir!r} but no {train_dir!r} folder")
+        return root_p, None
+    if not val_p.is_dir():
+        return train_p, None
+    if val_split > 0:
+        raise ValueError(f"ImageDataModule: val_split={val_split} but root {root!r} has a {val_dir!r} folder")
+    return train_p, val_p
