@@ -14,9 +14,11 @@ from lightning import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from vit.data import ImageDataModule
+from vit.train.guards import AtomicCheckpointIO, StepRNG, check_checkpoint_matches
 
 # verbs outside LightningCLI: name -> module with ``main(argv) -> int``
 COMMANDS = {"export": "vit.export.command", "bench": "vit.bench", "plan": "vit.plan"}
@@ -30,14 +32,42 @@ class VitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.img_size", "model.init_args.img_size")
 
+    def before_instantiate_classes(self) -> None:
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).get("trainer")
+        if trainer is not None and trainer.get("precision") is None:
+            trainer["precision"] = _default_precision(trainer.get("accelerator"))
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # jsonargparse wraps the model's or data's own message in its union report
+            raise ConfigError(_root_message(e)) from e
+
     def before_fit(self) -> None:
         self.trainer.callbacks.append(WandbRunId())
-        ckpt = _resolve_resume(self.trainer, self.config_init[self.subcommand].get("ckpt_path"))
+        _install_guards(self.trainer)
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        ckpt = _resolve_resume(self.trainer, ckpt_path)
         if ckpt is not None:
+            try:
+                check_checkpoint_matches(self.model, ckpt, f"--ckpt_path {ckpt_path}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
             _reattach_wandb(self.trainer, ckpt)
+            _skip_init_from(self.model)
 
     def after_fit(self) -> None:
         _report_outputs(self.trainer)
+
+    def before_validate(self) -> None:
+        if self.config_init[self.subcommand].get("ckpt_path"):
+            _skip_init_from(self.model)
+
+    before_test = before_predict = before_validate
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; ``vit`` prints its message alone and exits with status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,22 +78,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: wandb logs locally, never blocks on a login
-    for pattern in (".*'set_vital' is deprecated.*", r".*isinstance\(treespec, LeafSpec\).*"):
+    for pattern in (".*'set_vital' is deprecated.*", r".*isinstance\(treespec, LeafSpec\).*",
+                    # ImageClassifier builds its network in configure_model; it is not sharded
+                    ".*WeightAveraging callback with a model that overrides the configure_model.*"):
         warnings.filterwarnings("ignore", message=pattern)  # third-party deprecation noise, not the user's concern
     torch.set_float32_matmul_precision("high")
-    VitCLI(
-        LightningModule,
-        ImageDataModule,
-        subclass_mode_model=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": "vitkit: pretrain, fine-tune, evaluate and use Vision Transformers."},
-    )
+    try:
+        VitCLI(
+            LightningModule,
+            ImageDataModule,
+            subclass_mode_model=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "vitkit: pretrain, fine-tune, evaluate and use Vision Transformers."},
+        )
+    except ConfigError as e:
+        log.error("vit: error: %s", e)
+        return 2
     return 0
 
 
 def _checkpoint_callback(trainer) -> ModelCheckpoint | None:
-    return next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
+    """The ModelCheckpoint that writes last.ckpt (else the first one)."""
+    found = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    return next((cb for cb in found if cb.save_last), found[0] if found else None)
 
 
 class WandbRunId(Callback):
@@ -102,12 +140,38 @@ def _reattach_wandb(trainer, ckpt: dict) -> None:
             rank_zero_info(f"wandb: continuing run {run_id}")
 
 
+def _skip_init_from(model: LightningModule) -> None:
+    """Weights restored from --ckpt_path replace a classifier's ``init_from``: do not read (or need) that file."""
+    if getattr(model, "init_from", None):
+        rank_zero_info(f"weights come from --ckpt_path; model.init_from ({model.init_from}) is not read")
+        model.init_from = None
+
+
+def _install_guards(trainer) -> None:
+    """Exact resume (per-step RNG seeds) and atomic checkpoint files for every run, unless configured otherwise."""
+    if not any(isinstance(cb, StepRNG) for cb in trainer.callbacks):
+        trainer.callbacks.append(StepRNG())
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+def _default_precision(accelerator) -> str:
+    """bf16-mixed when the run gets a CUDA GPU with bf16, else 32-true (bf16 autocast is slow on CPUs)."""
+    gpu = accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def _root_message(e: BaseException) -> str:
+    """The innermost message of an exception chain: the model's or data module's own words."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return str(e)
+
+
 def _report_outputs(trainer) -> None:
-    cb = _checkpoint_callback(trainer)
-    lines = []
-    if cb is not None:
-        if cb.last_model_path:
-            lines.append(f"  last checkpoint: {cb.last_model_path}")
+    checkpoints = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    lines = [f"  last checkpoint: {p}" for p in dict.fromkeys(cb.last_model_path for cb in checkpoints) if p]
+    for cb in checkpoints:
         if cb.best_model_path:
             lines.append(f"  best checkpoint: {cb.best_model_path} ({cb.monitor} = {cb.best_model_score:.4g})"
                          if cb.best_model_score is not None else f"  best checkpoint: {cb.best_model_path}")
