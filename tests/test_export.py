@@ -1,0 +1,371 @@
+"""`vit export` and `vit.load_backbone`: every format loaded back by its consumer, checkpoints, safety, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, TensorDataset
+
+import vit
+from vit.export import (
+    ExportCheckError,
+    UnsafeCheckpointError,
+    export_model,
+    find_checkpoint,
+    model_from_checkpoint,
+    resize_model,
+    timm_config,
+)
+from vit.export.command import main
+from vit.models import MaskedAutoencoder, VisionTransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
+TINY_MAE = dict(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+CLASSES = ["cat", "dog", "eel"]
+
+
+class TinyClassifier(L.LightningModule):
+    """The shape of our LightningModules: a registry name plus overrides, the network held as ``self.model``."""
+
+    def __init__(self, model: str = "vit_tiny_patch16_224", model_kwargs: dict | None = None,
+                 num_classes: int = 3, class_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = vit.create_model(model, num_classes=num_classes, **(model_kwargs or {}))
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class TinyData(L.LightningDataModule):
+    """Random images; the class names live in the datamodule's hyper_parameters, as in ImageDataModule."""
+
+    def __init__(self, class_names: list[str]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))
+        return DataLoader(data, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real Lightning run: two AdamW steps of a tiny ViT, checkpointed by the default ModelCheckpoint."""
+    root = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    module = TinyClassifier(model_kwargs=TINY, num_classes=3)
+    trainer = L.Trainer(max_steps=2, default_root_dir=root, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, datamodule=TinyData(CLASSES))
+    torch.save(module.model.state_dict(), root / "trained_state.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(run_dir: Path) -> VisionTransformer:
+    model, _ = model_from_checkpoint(run_dir)
+    return model
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _mae_ckpt(path: Path) -> MaskedAutoencoder:
+    """A checkpoint as the MAE pretrainer writes it (crafted), holding an MAE one optimiser step from init."""
+    kwargs = {k: v for k, v in TINY_MAE.items() if k != "img_size"}
+    mae = vit.create_model("mae_vit_base_patch16", img_size=32, **kwargs)
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-2)
+    mae(torch.randn(2, 3, 32, 32))[0].backward()
+    opt.step()
+    hparams = {"model": "mae_vit_base_patch16", "img_size": 32, "norm_pix_loss": True, "mask_ratio": 0.75,
+               "model_kwargs": kwargs}
+    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams,
+                "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()}}, path)
+    return mae.eval()
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_real_lightning_checkpoint_rebuilds_the_network(run_dir: Path, trained: VisionTransformer) -> None:
+    ckpt = find_checkpoint(run_dir)
+    assert ckpt.suffix == ".ckpt" and ckpt.is_relative_to(run_dir)
+    model, meta = model_from_checkpoint(ckpt)
+    assert meta["class_names"] == CLASSES  # from the datamodule's hyper_parameters
+    assert meta["source"] == str(ckpt)
+    state = torch.load(run_dir / "trained_state.pt", weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+    fresh = vit.create_model("vit_tiny_patch16_224", num_classes=3, **TINY)
+    assert _max_diff(fresh.head.weight, model.head.weight) > 1e-3  # trained, not init values
+    assert not model.training
+
+
+def test_run_directory_rule(tmp_path: Path) -> None:
+    def save(name: str, callbacks: dict | None = None) -> Path:
+        path = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"pytorch-lightning_version": "2.6.6", "callbacks": callbacks or {}}, path)
+        os.utime(path, (len(list(path.parent.iterdir())),) * 2)  # mtimes in the order written
+        return path
+
+    best = save("epoch=1-step=20.ckpt")
+    save("epoch=2-step=30.ckpt")
+    state = {"monitor": None, "best_model_path": str(best)}
+    last = save("last.ckpt", {"ModelCheckpoint{'monitor': None}": state})
+    assert find_checkpoint(tmp_path) == last  # nothing monitored: the newest last*.ckpt
+    state["monitor"] = "val/acc1"
+    save("last.ckpt", {"ModelCheckpoint{'monitor': 'val/acc1'}": state})
+    assert find_checkpoint(tmp_path) == best  # the best recorded by ModelCheckpoint
+    with pytest.raises(FileNotFoundError, match="no \\*.ckpt"):
+        find_checkpoint(tmp_path / "lightning_logs" / "version_0" / "nothing_here")
+
+
+def test_linear_probe_checkpoint_folds_its_batchnorm(tmp_path: Path) -> None:
+    net = VisionTransformer(**TINY, num_classes=3, global_pool="avg")
+    bn = torch.nn.BatchNorm1d(64, affine=False, eps=1e-6)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    net.head = torch.nn.Sequential(bn, torch.nn.Linear(64, 3))
+    net.eval()
+    # as the classifier writes it in linear_probe mode: global_pool unset (it pools by average)
+    hparams = {"model": "vit_tiny_patch16_224", "model_kwargs": TINY, "num_classes": 3, "global_pool": None,
+               "mode": "linear_probe", "class_names": CLASSES}
+    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams,
+                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "probe.ckpt")
+    model, meta = model_from_checkpoint(tmp_path / "probe.ckpt")
+    assert model.global_pool == "avg" and isinstance(model.head, torch.nn.Linear) and meta["class_names"] == CLASSES
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(model(x), net(x)) < 1e-5
+
+
+def test_plain_state_dict_needs_a_model_name(tmp_path: Path, trained: VisionTransformer) -> None:
+    path = tmp_path / "weights.pth"
+    torch.save(trained.state_dict(), path)
+    with pytest.raises(ValueError, match="--model NAME"):
+        model_from_checkpoint(path)
+    model, _ = model_from_checkpoint(path, model="vit_tiny_patch16_224", model_args={**TINY, "num_classes": 3})
+    torch.testing.assert_close(model.pos_embed, trained.pos_embed)
+
+
+# ------------------------------------------------------------------------------------- every format
+
+
+def test_safetensors_export_loads_with_our_loader(tmp_path: Path, trained: VisionTransformer) -> None:
+    report = export_model(trained, "safetensors", tmp_path, meta={"class_names": CLASSES, "source": "x.ckpt"})
+    assert {p.name for p in report.files} == {"model.safetensors", "config.json"}
+    assert report.checks and all(c.ok for c in report.checks)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format_version"] == 1 and config["architecture"] == "VisionTransformer"
+    assert config["img_size"] == [32, 32] and config["patch_size"] == [4, 4] and config["num_classes"] == 3
+    assert config["class_names"] == CLASSES and len(config["mean"]) == 3 and config["vitkit_version"]
+    loaded = vit.load_backbone(tmp_path)
+    assert isinstance(loaded, VisionTransformer) and not loaded.training
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(loaded(x), trained(x)) <= 1e-4
+        assert _max_diff(loaded.forward_features(x), trained.forward_features(x)) <= 1e-4
+
+
+def test_timm_export_loads_strict(tmp_path: Path, trained: VisionTransformer) -> None:
+    export_model(trained, "timm", tmp_path)
+    cfg = json.loads((tmp_path / "timm_config.json").read_text())
+    ref = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
+    ref.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(ref(x), trained(x)) <= 1e-4
+
+
+def test_timm_export_of_a_named_size(tmp_path: Path) -> None:
+    small = vit.create_model("vit_small_patch16_224", depth=1, num_classes=10).eval()
+    report = export_model(small, "timm", tmp_path)
+    cfg = json.loads((tmp_path / "timm_config.json").read_text())
+    assert cfg["architecture"] == "vit_small_patch16_224" and cfg["model_args"] == {"depth": 1, "num_classes": 10}
+    assert all(c.ok for c in report.checks)
+    # the real size (12 blocks) maps to timm's name with no structural override; keys checked on meta tensors
+    with torch.device("meta"):
+        full = vit.create_model("vit_small_patch16_224", num_classes=10)
+        cfg = timm_config(full)
+        ref = timm.create_model(cfg["architecture"], **cfg["model_args"])
+    assert cfg["exact"] and cfg["model_args"] == {"num_classes": 10}
+    ref.load_state_dict(vit.export.vit_to_timm(full.state_dict()), strict=True, assign=True)
+
+
+def test_mae_source_exports_encoder_or_full(tmp_path: Path) -> None:
+    mae = _mae_ckpt(tmp_path / "mae.ckpt")
+    rc = main([str(tmp_path / "mae.ckpt"), "--out", str(tmp_path / "st")])
+    assert rc == 0
+    config = json.loads((tmp_path / "st" / "config.json").read_text())
+    assert config["architecture"] == "VisionTransformer" and config["num_classes"] == 0
+    exported = load_file(str(tmp_path / "st" / "model.safetensors"))
+    assert not any(k.startswith(("decoder", "mask_token")) for k in exported)
+    encoder = vit.load_backbone(tmp_path / "st")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(encoder.forward_features(x), mae.encoder.forward_features(x)) <= 1e-4
+
+    assert main([str(tmp_path / "mae.ckpt"), "--format", "mae", "--out", str(tmp_path / "mae")]) == 0
+    official = torch.load(tmp_path / "mae" / "checkpoint.pth", weights_only=True)["model"]
+    assert "decoder_pred.weight" in official and "blocks.0.attn.qkv.weight" in official and "mask_token" in official
+    again = MaskedAutoencoder(**TINY_MAE, norm_pix_loss=True)
+    vit.load_weights(again, tmp_path / "mae" / "checkpoint.pth")
+    noise = torch.rand(2, 64)
+    with torch.no_grad():
+        assert _max_diff(again(x, noise=noise)[1], mae(x, noise=noise)[1]) <= 1e-4
+    # the encoder of the MAE export is also a backbone for our loader
+    assert vit.load_backbone(tmp_path / "mae").embed_dim == 64
+
+
+def test_vit_source_mae_format_is_encoder_only(tmp_path: Path, trained: VisionTransformer) -> None:
+    report = export_model(trained, "mae", tmp_path, head=False)
+    assert any("encoder-only" in n for n in report.notes)
+    official = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
+    assert "cls_token" in official and "norm.weight" in official
+    assert not any(k.startswith(("decoder", "head.")) for k in official)
+
+
+@pytest.mark.onnx
+def test_onnx_export_runs_in_onnxruntime(tmp_path: Path, trained: VisionTransformer) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    report = export_model(trained, "onnx", tmp_path, image_sizes=[32, (48, 64)])
+    assert [c.name.split()[1] for c in report.checks] == ["32x32", "48x64"]
+    for name, size, ref in (("model.onnx", (32, 32), trained), ("model_48x64.onnx", (48, 64),
+                                                                  resize_model(trained, (48, 64)).eval())):
+        proto = onnx.load(str(tmp_path / name))
+        assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        assert session.get_inputs()[0].shape[0] == "batch"
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, *size)
+            out = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+            with torch.no_grad():
+                assert _max_diff(out, ref(x)) <= 1e-4
+
+
+def test_onnx_without_the_extra_says_what_to_install(tmp_path: Path, trained: VisionTransformer,
+                                                    monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install vitkit\[onnx\]"):
+        export_model(trained, "onnx", tmp_path)
+
+
+def test_torch_export_program_loads(tmp_path: Path, trained: VisionTransformer) -> None:
+    report = export_model(trained, "torch-export", tmp_path, head=False)
+    assert all(c.ok for c in report.checks)
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    backbone = vit.create_model("vit_tiny_patch16_224", num_classes=0, **TINY)
+    vit.load_weights(backbone, {k: v for k, v in trained.state_dict().items() if not k.startswith("head.")})
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        out = program(x)
+        assert out.shape == (batch, 64)
+        with torch.no_grad():
+            assert _max_diff(out, backbone.eval()(x)) <= 1e-4
+
+
+def test_a_bad_export_fails_loudly(tmp_path: Path, trained: VisionTransformer, monkeypatch, capsys) -> None:
+    real = vit.export.formats.load_backbone
+
+    def perturbed(path: Path) -> VisionTransformer:
+        model = real(path)
+        with torch.no_grad():
+            model.head.bias.add_(1e-3)
+        return model
+
+    monkeypatch.setattr(vit.export.formats, "load_backbone", perturbed)
+    with pytest.raises(ExportCheckError, match="max |diff|"):
+        export_model(trained, "safetensors", tmp_path)
+    monkeypatch.setattr(vit.export.command, "model_from_checkpoint", lambda *a, **k: (trained, {"source": "x"}))
+    assert main(["x.ckpt", "--out", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "FAILED" in out and "does not reproduce" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def test_load_backbone_for_a_new_image_size(tmp_path: Path, trained: VisionTransformer) -> None:
+    export_model(trained, "safetensors", tmp_path)
+    model = vit.load_backbone(tmp_path, img_size=(48, 64))
+    x = torch.randn(2, 3, 48, 64)
+    maps = model.get_intermediate_layers(x, 2, reshape=True)
+    assert len(maps) == 2 and maps[-1].shape == (2, 64, 48 // 4, 64 // 4)
+    assert model.forward_features(x).shape == (2, 1 + 12 * 16, 64)
+    fresh = vit.load_backbone(tmp_path, num_classes=7)
+    assert fresh(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    assert vit.load_backbone(tmp_path, num_classes=0)(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+
+
+# -------------------------------------------------------------------------------------- safety, CLI
+
+
+def test_malicious_pickle_is_refused_everywhere(tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": {"model": "vit_tiny_patch16_224"},
+                "state_dict": {}, "callbacks": Evil()}, ckpt)
+    assert main([str(ckpt), "--out", str(tmp_path / "out")]) == 1
+    assert "refusing to load" in capsys.readouterr().err
+    with pytest.raises(UnsafeCheckpointError, match="would run code"):
+        vit.load_backbone(ckpt)
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / "config.json").write_text(json.dumps({"model_args": TINY}))
+    torch.save({"model": Evil()}, export_dir / "checkpoint.pth")
+    with pytest.raises(UnsafeCheckpointError):
+        vit.load_backbone(export_dir)
+    assert not marker.exists()
+
+
+def test_cli_user_errors_are_short(tmp_path: Path, trained: VisionTransformer, capsys) -> None:
+    assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")]) == 1
+    assert "missing.ckpt" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.ckpt"), "--format", "tflite", "--out", "o"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.ckpt"
+    hparams = {"model": "vit_tiny_patch16_224", "model_kwargs": {**TINY, "embed_dim": 32}, "num_classes": 3}
+    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams,
+                "state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, wrong)
+    assert main([str(wrong), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "wrong.ckpt" in err and "shape conflicts" in err and "pos_embed" in err and "Traceback" not in err
+    assert main([str(wrong), "--out", str(tmp_path / "o"), "--image-size", "30"]) == 1
+
+
+def test_cli_subprocess_prints_max_differences(tmp_path: Path, run_dir: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "vit.export.command", str(run_dir), "--out", str(tmp_path / "out"),
+         "--image-size", "32x48", "--backbone-only"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "max |diff|" in line]
+    assert lines and all(line.endswith("ok") for line in lines), result.stdout
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["img_size"] == [32, 48] and config["num_classes"] == 0 and config["class_names"] is None
