@@ -95,7 +95,10 @@ def test_bad_config_value_is_named(tmp_path: Path) -> None:
     assert "mask_ratio must be in [0, 1), got 1.5" in result.stderr
 
 
-def test_unknown_model_suggests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_model_suggests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="unknown model name 'mae_vit_tiny_patch61'; did you mean"):
-        main(["fit", "--config", str(MAE_CONFIG), "--model.init_args.model", "mae_vit_tiny_patch61"])
+    assert main(["fit", "--config", str(MAE_CONFIG), "--model.init_args.model", "mae_vit_tiny_patch61"]) == 2
+    assert "unknown model name 'mae_vit_tiny_patch61'; did you mean mae_vit_tiny_patch16" in caplog.text
+    assert not (tmp_path / "runs").exists()  # failed before any work was done
