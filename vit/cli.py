@@ -18,7 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from vit.data import ImageDataModule
-from vit.train.guards import AtomicCheckpointIO, StepRNG, check_checkpoint_matches
+from vit.train.guards import AtomicCheckpointIO, ExactResume, check_checkpoint_matches
 
 # verbs outside LightningCLI: name -> module with ``main(argv) -> int``
 COMMANDS = {"export": "vit.export.command", "bench": "vit.bench", "plan": "vit.plan"}
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").is_file():
         os.environ.setdefault("WANDB_MODE", "offline")  # no key: wandb logs locally, never blocks on a login
     for pattern in (".*'set_vital' is deprecated.*", r".*isinstance\(treespec, LeafSpec\).*",
+                    ".*LightningCLI's args parameter is intended.*",  # main always passes argv as args
                     # ImageClassifier builds its network in configure_model; it is not sharded
                     ".*WeightAveraging callback with a model that overrides the configure_model.*"):
         warnings.filterwarnings("ignore", message=pattern)  # third-party deprecation noise, not the user's concern
@@ -149,8 +150,8 @@ def _skip_init_from(model: LightningModule) -> None:
 
 def _install_guards(trainer) -> None:
     """Exact resume (per-step RNG seeds) and atomic checkpoint files for every run, unless configured otherwise."""
-    if not any(isinstance(cb, StepRNG) for cb in trainer.callbacks):
-        trainer.callbacks.append(StepRNG())
+    if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
+        trainer.callbacks.append(ExactResume())
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
