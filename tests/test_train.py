@@ -73,6 +73,16 @@ def test_pretrainer_trains_with_accumulation(tmp_path) -> None:
     before = module.model.decoder_pred.weight.detach().clone()
     trainer.fit(module, loader)
     info = module.run_info
-    assert info["effective_batch_size"] == 16 and info["lr"] == pytest.approx(0.01 * 16 / 256)
+    assert info["effective_batch_size"] == 16 and info["peak_lr"] == pytest.approx(0.01 * 16 / 256)
     assert info["total_steps"] == 4 and info["warmup_steps"] == 2
     assert not torch.equal(before, module.model.decoder_pred.weight)
+
+
+def test_pretrainer_with_max_steps_only(tmp_path) -> None:
+    """Warmup in epochs still resolves when the trainer is limited by steps alone."""
+    module = MAEPretrainer(model="mae_vit_tiny_patch16", model_kwargs=TINY_KWARGS, img_size=32, warmup_epochs=1)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(module, torch.utils.data.DataLoader(_Images(), batch_size=8))
+    assert module.run_info["total_steps"] == 3 and module.run_info["warmup_steps"] == 4
+    assert trainer.global_step == 3

@@ -85,13 +85,13 @@ class MAEPretrainer(LightningModule):
         optimizer = build_adamw(param_groups(self.model, self.hparams.weight_decay), lr, self.hparams.betas)
         warmup = round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer))
         scheduler = warmup_cosine(optimizer, warmup, total, self.hparams.min_lr_ratio)
-        self.run_info = {"effective_batch_size": eff_batch, "lr": lr, "warmup_steps": warmup, "total_steps": total}
+        self.run_info = {"effective_batch_size": eff_batch, "peak_lr": lr, "warmup_steps": warmup, "total_steps": total}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
         info = self.run_info
         rank_zero_info(
-            f"effective batch {info['effective_batch_size']} (devices x batch x accumulation) -> lr {info['lr']:.3g}"
+            f"effective batch {info['effective_batch_size']} (devices x batch x accumulation) -> lr {info['peak_lr']:.3g}"
             f" (base_lr {self.hparams.base_lr:g} x {info['effective_batch_size']} / 256); "
             f"{info['warmup_steps']} warmup steps of {info['total_steps']}; mask ratio {self.mask_ratio}"
         )

@@ -18,6 +18,9 @@ def effective_batch_size(trainer: Trainer) -> int:
 def steps_per_epoch(trainer: Trainer) -> int:
     """Optimizer steps per epoch (call after ``trainer.estimated_stepping_batches``, which sets up the data)."""
     batches = trainer.num_training_batches
+    if not math.isfinite(batches) or batches == 0:
+        trainer.fit_loop.setup_data()  # with only max_steps set, the estimate above did not load the data
+        batches = trainer.num_training_batches
     if not math.isfinite(batches):
         raise ValueError("warmup in epochs needs a sized training loader; set the warmup in steps instead")
     return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
