@@ -91,8 +91,8 @@ class MAEPretrainer(LightningModule):
     def on_fit_start(self) -> None:
         info = self.run_info
         rank_zero_info(
-            f"effective batch {info['effective_batch_size']} (devices x batch x accumulation) -> lr {info['peak_lr']:.3g}"
-            f" (base_lr {self.hparams.base_lr:g} x {info['effective_batch_size']} / 256); "
+            f"effective batch {info['effective_batch_size']} (devices x batch x accumulation)"
+            f" -> lr {info['peak_lr']:.3g} (base_lr {self.hparams.base_lr:g} x {info['effective_batch_size']} / 256); "
             f"{info['warmup_steps']} warmup steps of {info['total_steps']}; mask ratio {self.mask_ratio}"
         )
         for logger in self.loggers:
