@@ -126,9 +126,6 @@ def test_skip_trains_on_every_readable_image_and_reports_the_rest(messy_tree, tm
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="ImageDataModule does not expose the skipped-image count (ImageFolderDataset."
-                   "num_skipped lives in whichever process read the file, a DataLoader worker when num_workers > 0), "
-                   "so no callback can log it; see the report")
 def test_skipped_image_count_reaches_the_metrics(messy_tree, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert fit(*_data(messy_tree, "--data.on_bad_image", "skip"), "--trainer.max_epochs", "1",

@@ -18,6 +18,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from vit.data import ImageDataModule
+from vit.train.callbacks import SkippedImages
 from vit.train.guards import AtomicCheckpointIO, ExactResume, check_checkpoint_matches
 
 # verbs outside LightningCLI: name -> module with ``main(argv) -> int``
@@ -152,6 +153,7 @@ def _install_guards(trainer) -> None:
     """Exact resume (per-step RNG seeds) and atomic checkpoint files for every run, unless configured otherwise."""
     if not any(isinstance(cb, ExactResume) for cb in trainer.callbacks):
         trainer.callbacks.append(ExactResume())
+    trainer.callbacks.append(SkippedImages())
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 

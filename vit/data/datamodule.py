@@ -115,6 +115,11 @@ class ImageDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self._class_names)
 
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable images skipped so far (``on_bad_image: skip``), train and val together, all workers."""
+        return sum(ds.num_skipped for ds in (self.train_dataset, self.val_dataset) if ds is not None)
+
     def prepare_data(self) -> None:
         """Write the built-in digits once (Lightning calls this on one process per node)."""
         if self.hparams.root is None:

@@ -11,6 +11,7 @@ Conventions, stated once:
 
 import copy
 import logging
+import multiprocessing as mp
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,8 +96,8 @@ class ImageFolderDataset(Dataset):
         class_names: fix the classes and their order (e.g. the train set's, for a val set); every one
             must have a folder, and a folder not listed is an error.
         on_bad_image: "error" raises BadImageError naming the file; "skip" logs a warning, counts the file
-            in `num_skipped` / `skipped_paths` and returns the next readable sample instead. The counts
-            live in the process that read the file (each DataLoader worker has its own).
+            in `num_skipped` / `skipped_paths` and returns the next readable sample instead. `skipped_paths`
+            lives in the process that read the file; `num_skipped` is shared with DataLoader workers.
         extensions: file name endings that count as images (case-insensitive).
     """
 
@@ -137,10 +138,13 @@ class ImageFolderDataset(Dataset):
         self.transform = transform
         self.on_bad_image = on_bad_image
         self.skipped_paths: list[Path] = []
+        # a counter in shared memory: DataLoader workers inherit it, so the main process sees their skips
+        self._skip_count = mp.Value("i", 0)
 
     @property
     def num_skipped(self) -> int:
-        return len(self.skipped_paths)
+        """Files skipped as unreadable, over all processes (each process counts a file once)."""
+        return int(self._skip_count.value)
 
     @property
     def targets(self) -> list[int]:
@@ -152,6 +156,7 @@ class ImageFolderDataset(Dataset):
         subset.samples = [self.samples[i] for i in indices]
         subset.transform = transform
         subset.skipped_paths = []
+        subset._skip_count = mp.Value("i", 0)
         return subset
 
     def __len__(self) -> int:
@@ -180,6 +185,8 @@ class ImageFolderDataset(Dataset):
                 if self.on_bad_image == "error":
                     raise
                 self.skipped_paths.append(path)
+                with self._skip_count.get_lock():
+                    self._skip_count.value += 1
                 log.warning("skipping unreadable image (%d skipped so far): %s", self.num_skipped, e)
         raise BadImageError(f"no readable image in {str(self.root)!r}: all {n} files failed to decode")
 

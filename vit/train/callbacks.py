@@ -1,4 +1,4 @@
-"""Callbacks Lightning lacks: the MAE reconstruction figure."""
+"""Callbacks Lightning lacks: the MAE reconstruction figure, and the count of skipped images in the logs."""
 
 from __future__ import annotations
 
@@ -67,6 +67,22 @@ class ReconstructionPlotter(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="val/reconstruction", images=[str(path)], step=trainer.global_step)
+
+
+class SkippedImages(Callback):
+    """Logs ``data/skipped_images``, the unreadable files the data module skipped, at each epoch end."""
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, pl_module)
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        if getattr(getattr(dm, "hparams", {}), "get", lambda *_: None)("on_bad_image") == "skip":
+            pl_module.log("data/skipped_images", float(dm.num_skipped), reduce_fx="max", sync_dist=True)
 
 
 def _spread_images(trainer: Trainer, n: int) -> torch.Tensor | None:
