@@ -1,0 +1,435 @@
+"""ImageClassifier: fine-tune, linear-probe or attentive-probe a VisionTransformer on labelled images.
+
+Conventions, stated once:
+- The network is ``self.model`` (a ``VisionTransformer``), so checkpoints hold it under ``model.`` and
+  ``vit.load_weights`` / ``vit export`` read them like any backbone.
+- ``num_classes`` and ``class_names`` default to the datamodule's. The network is then built in
+  ``configure_model`` (Lightning calls it before a checkpoint is restored, and ``EMAWeightAveraging`` calls it
+  before copying the weights); both values are written back into ``hparams`` so the checkpoint describes itself.
+- ``init_from`` is read in ``configure_model`` too, before EMA copies the weights. Restoring a checkpoint
+  (``--ckpt_path`` or ``load_from_checkpoint``) replaces every weight afterwards, so ``init_from`` is then moot.
+- Linear probe (MAE's recipe): the frozen backbone's pooled feature → ``BatchNorm1d(affine=False)`` → ``Linear``,
+  held as ``model.head = Sequential(bn, linear)`` (keys ``head.0.*``, ``head.1.*``; exports fold the two into one
+  ``head``, exact in eval mode).
+  MAE optimises it with LARS, which torch lacks; we use SGD with momentum (the linear-evaluation optimiser of
+  MoCo v3 and DINO). Over BatchNorm-ed features one linear layer is well conditioned, and LARS's per-layer trust
+  ratio only rescales the single layer's step, which the learning rate absorbs.
+- Pooling: ``global_pool`` defaults to ``avg`` for fine-tuning and linear probing (MAE's fine-tune default).
+  An MAE never asks its class token to summarise the image: the token reaches the loss only through the
+  decoder's attention. MAE's linear probe reads it anyway; on the digits the class-token and average probes land
+  within two images of each other, and ``avg`` also serves encoders without a class token (``token`` follows
+  the paper).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from vit.export import WeightsMismatchError, detect_layout, load_weights, read_state_dict
+from vit.export.interop import encoder_state
+from vit.models import VisionTransformer, create_model
+from vit.train.optim import build_adamw, param_groups, scaled_lr, warmup_cosine
+from vit.train.schedule import effective_batch_size, steps_per_epoch
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["finetune", "linear_probe", "attentive_probe"]
+MODES: tuple[str, ...] = ("finetune", "linear_probe", "attentive_probe")
+# parts a pretrained backbone may lack (fresh here) or carry that this model has no use for (dropped)
+NEW_PARTS = ("head.", "fc_norm.", "attn_pool.")
+DROPPED_PARTS = ("head.", "fc_norm.", "attn_pool.", "norm.")
+# the modules a probe trains; everything else is the frozen backbone
+PROBE_PARTS = {"linear_probe": ("head",), "attentive_probe": ("head", "attn_pool")}
+MAX_TABLE_ROWS = 40
+
+
+class ImageClassifier(LightningModule):
+    """A ``VisionTransformer`` classifier with the MAE fine-tuning recipe, or a probe on a frozen backbone.
+
+    Args:
+        model: a registered ViT name, e.g. ``vit_base_patch16_224``.
+        model_kwargs: constructor overrides of that model (e.g. ``{"patch_size": 4, "embed_dim": 128}``).
+        img_size: input size (linked from ``data.img_size`` by the CLI).
+        num_classes: classifier outputs; None takes the datamodule's ``num_classes``.
+        class_names: label names (stored in checkpoints for predict); None takes the datamodule's.
+        init_from: pretrained weights: a Lightning checkpoint of ours (MAE or classifier), an export directory,
+            a timm state dict or an official MAE checkpoint. A decoder is dropped, positions are resampled for
+            another image size, the head is re-initialised when its class count differs.
+        mode: ``finetune`` trains everything; ``linear_probe`` / ``attentive_probe`` train only a linear head
+            (after a non-affine BatchNorm) / a MAP head on the frozen backbone.
+        global_pool: ``token``, ``avg`` or ``map``; None: ``map`` for the attentive probe, else ``avg``.
+        optimizer: ``adamw`` or ``sgd`` (momentum ``momentum``); None: ``sgd`` for the linear probe, else ``adamw``.
+        base_lr: lr per 256 images; the lr is ``base_lr × effective batch / 256`` unless ``lr`` is given.
+        lr: absolute lr (overrides the scaling rule).
+        weight_decay: decay on weights (none on norms, biases, tokens, positions).
+        layer_decay: layer-wise lr decay (block i gets ``layer_decay ** (depth + 1 - i)``); None or 1 disables it.
+        betas: AdamW betas. momentum: SGD momentum.
+        warmup_epochs / min_lr_ratio: per-step linear warmup, then cosine down to ``min_lr_ratio × lr``.
+        drop_path_rate: stochastic depth when fine-tuning (probes run the backbone in eval mode).
+        mixup / cutmix: mixup and cutmix alphas (0 disables each); batches are mixed in ``training_step``.
+        mixup_prob / mixup_switch_prob / mixup_mode: timm ``Mixup``'s ``prob``, ``switch_prob`` and ``mode``.
+        label_smoothing: smoothing of the (mixed or plain) targets.
+    """
+
+    def __init__(
+        self,
+        model: str = "vit_base_patch16_224",
+        model_kwargs: dict[str, Any] | None = None,
+        img_size: int | tuple[int, int] | None = None,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        init_from: str | None = None,
+        mode: Mode = "finetune",
+        global_pool: Literal["token", "avg", "map"] | None = None,
+        optimizer: Literal["adamw", "sgd"] | None = None,
+        base_lr: float = 5e-4,
+        lr: float | None = None,
+        weight_decay: float = 0.05,
+        layer_decay: float | None = 0.65,
+        betas: tuple[float, float] = (0.9, 0.999),
+        momentum: float = 0.9,
+        warmup_epochs: float = 5.0,
+        min_lr_ratio: float = 0.0,
+        drop_path_rate: float = 0.1,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: Literal["batch", "pair", "elem"] = "batch",
+        label_smoothing: float = 0.1,
+    ) -> None:
+        super().__init__()
+        _check_args(locals())
+        if isinstance(img_size, list):
+            img_size = tuple(img_size)
+        self.save_hyperparameters()
+        self.mode = mode
+        self.global_pool = global_pool or (model_kwargs or {}).get("global_pool") or (
+            "map" if mode == "attentive_probe" else "avg"
+        )
+        if mode == "attentive_probe" and self.global_pool != "map":
+            raise ValueError(f"model.mode='attentive_probe' needs global_pool='map', got {self.global_pool!r}")
+        if mode == "linear_probe" and self.global_pool == "map":
+            raise ValueError("model.mode='linear_probe' pools with 'token' or 'avg'; for 'map' use 'attentive_probe'")
+        self.optimizer_name = optimizer or ("sgd" if mode == "linear_probe" else "adamw")
+        self.init_from = init_from
+        self.model: VisionTransformer | None = None
+        self.class_names: list[str] = []
+        self.run_info: dict[str, float] = {}
+        self.last_per_class: list[tuple[str, float, int]] = []
+        self.soft_target_loss = SoftTargetCrossEntropy()
+        self.mixup_fn: Mixup | None = None
+        self._weights_ready = False
+        self._names_given = bool(class_names)
+        if num_classes is not None:
+            self._build(num_classes, class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Classifier outputs (0 until the network is built)."""
+        return len(self.class_names)
+
+    # ----------------------------------------------------------------------------------------------- building
+    def configure_model(self) -> None:
+        """Build the network for the datamodule's classes when needed, then load ``init_from`` (once)."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if self.model is None:
+            n = getattr(dm, "num_classes", None)
+            if n is None:
+                raise ValueError("model.num_classes is unset and no datamodule with num_classes is attached")
+            self._build(n, self.hparams.class_names or getattr(dm, "class_names", None))
+        elif not self._weights_ready and not self._names_given:
+            names = getattr(dm, "class_names", None)
+            if names and len(names) == self.num_classes:  # num_classes was given, the names were not
+                self._set_classes(list(names))
+        if not self._weights_ready:
+            self._weights_ready = True
+            if self.init_from:
+                self._load_init(self.init_from)
+
+    def _build(self, num_classes: int, class_names: list[str] | None) -> None:
+        hp = self.hparams
+        if num_classes <= 0:
+            raise ValueError(f"model.num_classes must be positive, got {num_classes}")
+        names = [str(c) for c in class_names] if class_names else [str(i) for i in range(num_classes)]
+        if len(names) != num_classes:
+            raise ValueError(f"model.class_names has {len(names)} names for {num_classes} classes")
+        kwargs = dict(hp.model_kwargs or {}, num_classes=num_classes, global_pool=self.global_pool)
+        if hp.img_size is not None:
+            kwargs["img_size"] = hp.img_size
+        # probes run the frozen backbone in eval mode, where drop path is off anyway
+        kwargs["drop_path_rate"] = hp.drop_path_rate if self.mode == "finetune" else 0.0
+        net = create_model(hp.model, **kwargs)
+        if not isinstance(net, VisionTransformer):
+            raise ValueError(f"model.model {hp.model!r} is not a VisionTransformer; see vit.list_models('vit_*')")
+        self.model = net
+        self._set_classes(names)
+
+    def _set_classes(self, names: list[str]) -> None:
+        """(Re)make the head, metrics and mixing for ``names``, and record them in ``hparams`` for checkpoints."""
+        if self.class_names and len(names) != self.num_classes:
+            self.model.reset_classifier(len(names))
+        self.class_names = list(names)
+        self.hparams["num_classes"] = len(names)
+        self.hparams["class_names"] = list(names)
+        n, dim = len(names), self.model.embed_dim
+        if self.mode == "linear_probe" and not isinstance(self.model.head, nn.Sequential):
+            # MAE's linear probe: a BatchNorm without affine parameters whitens the frozen features
+            self.model.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, n))
+        self.val_metrics = _metrics(n)
+        self.test_metrics = _metrics(n)
+        hp = self.hparams
+        self.mixup_fn = None
+        if (hp.mixup > 0 or hp.cutmix > 0) and hp.mixup_prob > 0:
+            self.mixup_fn = Mixup(mixup_alpha=hp.mixup, cutmix_alpha=hp.cutmix, prob=hp.mixup_prob,
+                                switch_prob=hp.mixup_switch_prob, mode=hp.mixup_mode,
+                                label_smoothing=hp.label_smoothing, num_classes=n)
+        self._freeze_backbone()
+
+    def _load_init(self, source: str) -> None:
+        """Load a pretrained backbone; only the head, fc_norm and MAP head may be new (as MAE's fine-tune asserts)."""
+        raw = read_state_dict(source)
+        layout = detect_layout(raw)
+        state = encoder_state(raw)  # our ViT layout; an MAE's decoder is dropped here
+        own = self.model.state_dict()
+        head = [k for k in state if k.startswith("head.")]
+        head_new = not head or any(k not in own or state[k].shape != own[k].shape for k in head)
+        if head and head_new:
+            n_old = next((state[k].shape[0] for k in head if k.endswith("weight") and state[k].ndim == 2), "?")
+            rank_zero_info(f"init_from: re-initialising the head: {source} has {n_old} classes, "
+                           f"this model {self.num_classes} ({self.mode})")
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        try:
+            report = load_weights(self.model, state, strict=False)
+        except WeightsMismatchError as e:
+            raise WeightsMismatchError(f"model.init_from {source} does not fit model {self.hparams.model!r} "
+                                       f"with {self.hparams.model_kwargs}: {e}") from e
+        bad_missing = [k for k in report.missing if not k.startswith(NEW_PARTS)]
+        bad_unexpected = [k for k in report.unexpected if not k.startswith(DROPPED_PARTS)]
+        if bad_missing or bad_unexpected:
+            raise WeightsMismatchError(
+                f"model.init_from {source} (layout {layout!r}) does not fit model {self.hparams.model!r} with "
+                f"{self.hparams.model_kwargs}: backbone keys missing from the checkpoint: {_short(bad_missing)}; "
+                f"checkpoint keys this model lacks: {_short(bad_unexpected)} (check depth, tokens and pooling)"
+            )
+        if head_new:
+            self._init_head()
+        # an MAE's fixed sin-cos positions load into a trainable pos_embed: MAE's fine-tuning trains them too
+        loaded = len(state) - len(report.unexpected)
+        rank_zero_info(
+            f"init_from {source} (layout {layout!r}): loaded {loaded} tensors"
+            + (f"; resampled {', '.join(report.resampled)}" if report.resampled else "")
+            + (f"; new: {_parts(report.missing)}" if report.missing else "")
+            + (f"; dropped: {_parts(report.unexpected)}" if report.unexpected else "")
+            + ("; dropped the MAE decoder" if layout in ("mae", "mae_official") else "")
+        )
+
+    def _init_head(self) -> None:
+        linear = self.model.head[-1] if isinstance(self.model.head, nn.Sequential) else self.model.head
+        # MAE: a tiny head init for fine-tuning (std 2e-5), 0.01 for the linear probe
+        nn.init.trunc_normal_(linear.weight, std=0.01 if self.mode == "linear_probe" else 2e-5)
+        nn.init.zeros_(linear.bias)
+
+    def _freeze_backbone(self) -> None:
+        if self.mode == "finetune":
+            return
+        trainable = PROBE_PARTS[self.mode]
+        for name, p in self.model.named_parameters():
+            p.requires_grad = name.split(".")[0] in trainable
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        """Lightning's train/eval switch; a probe's frozen backbone stays in eval mode (no drop path, fixed norms)."""
+        super().train(mode)
+        if mode and self.mode != "finetune" and self.model is not None:
+            for name, child in self.model.named_children():
+                if name not in PROBE_PARTS[self.mode]:
+                    child.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] → logits [B, num_classes]."""
+        if self.mode == "finetune":
+            return self.model(x)
+        with torch.no_grad():  # the frozen backbone: no graph, no gradients
+            tokens = self.model.forward_features(x)
+        return self.model.forward_head(tokens)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.mixup_fn is not None:
+            if x.shape[0] % 2:
+                raise ValueError(f"mixup/cutmix pair up a batch and need an even batch size, got {x.shape[0]}")
+            x, soft = self.mixup_fn(x, y)
+            loss = self.soft_target_loss(self(x), soft)
+        else:
+            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Class probabilities [B, num_classes] and the data set indices [B] of the images."""
+        x, index = batch
+        return {"probs": self(x).float().softmax(dim=-1), "index": index}
+
+    def _eval_step(self, batch: Any, stage: str, metrics: nn.ModuleDict) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        for name, metric in metrics.items():
+            metric.update(logits, y)
+            if name != "confusion":
+                self.log(f"{stage}/{name}", metric, on_epoch=True, prog_bar=name == "acc1", batch_size=x.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_report("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_report("test", self.test_metrics)
+
+    def _epoch_report(self, stage: str, metrics: nn.ModuleDict) -> None:
+        matrix = metrics["confusion"].compute().cpu()  # synced over processes: every rank must call it
+        metrics["confusion"].reset()
+        if self.trainer.sanity_checking:
+            return
+        counts = matrix.sum(dim=1)
+        acc = matrix.diag().float() / counts.clamp_min(1)
+        self.last_per_class = [(n, float(a) if c else float("nan"), int(c))
+                               for n, a, c in zip(self.class_names, acc, counts, strict=True)]
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "confusion"
+        self._save_confusion(folder, stage, matrix)
+        if self.trainer.state.fn != "fit":
+            table = _per_class_table(stage, self.last_per_class)
+            rank_zero_info(f"{table}\nconfusion matrix: {folder / f'{stage}.png'} (per class: {stage}_per_class.csv)")
+
+    @rank_zero_only
+    def _save_confusion(self, folder: Path, stage: str, matrix: torch.Tensor) -> None:
+        from vit.train.figures import save_confusion_matrix
+
+        title = f"{stage}, epoch {self.current_epoch}" if self.trainer.state.fn == "fit" else stage
+        save_confusion_matrix(matrix, self.class_names, folder / f"{stage}.png", title=title)
+        with open(folder / f"{stage}_per_class.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class", "accuracy", "images"])
+            writer.writerows([(n, f"{a:.4f}", c) for n, a, c in self.last_per_class])
+
+    # ----------------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        total = int(self.trainer.estimated_stepping_batches)  # first: it sets up the train loader
+        eff_batch = effective_batch_size(self.trainer)
+        lr = hp.lr if hp.lr is not None else scaled_lr(hp.base_lr, eff_batch)
+        layer_decay = hp.layer_decay if self.mode == "finetune" else None
+        groups = param_groups(self.model, hp.weight_decay, layer_decay)  # frozen parameters are left out
+        if self.optimizer_name == "sgd":
+            for g in groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum)
+        else:
+            optimizer = build_adamw(groups, lr, hp.betas)
+        warmup = round(hp.warmup_epochs * steps_per_epoch(self.trainer))
+        scheduler = warmup_cosine(optimizer, warmup, total, hp.min_lr_ratio)
+        self.run_info = {"effective_batch_size": eff_batch, "peak_lr": lr, "warmup_steps": warmup,
+                         "total_steps": total, "trainable_params": sum(p.numel() for g in groups for p in g["params"])}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        self._check_data()
+        info, hp = self.run_info, self.hparams
+        mixing = f"mixup {hp.mixup} / cutmix {hp.cutmix}" if self.mixup_fn is not None else "no mixup"
+        decay = f", layer decay {hp.layer_decay}" if self.mode == "finetune" and hp.layer_decay else ""
+        rank_zero_info(
+            f"{self.mode} {hp.model} ({self.global_pool} pool, {self.num_classes} classes): "
+            f"{info['trainable_params']:,} trainable parameters; {self.optimizer_name} lr {info['peak_lr']:.3g} "
+            f"(effective batch {info['effective_batch_size']}){decay}; {info['warmup_steps']} warmup steps of "
+            f"{info['total_steps']}; {mixing}, label smoothing {hp.label_smoothing}"
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams(info)
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self._check_data()
+
+    def on_test_start(self) -> None:
+        self._check_data()
+
+    def _check_data(self) -> None:
+        n = getattr(self.trainer.datamodule, "num_classes", None)
+        if n is not None and n != self.num_classes:
+            raise ValueError(f"the data has {n} classes but the classifier {self.num_classes} "
+                             f"({self.class_names[:5]}...): evaluate on the classes it was trained on")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Take the classes of the checkpoint (predict shows its names); its weights replace ``init_from``'s."""
+        self._weights_ready = True
+        names = checkpoint.get("hyper_parameters", {}).get("class_names")
+        if names and self.model is not None and list(names) != self.class_names:
+            self._set_classes(list(names))
+
+
+def _metrics(num_classes: int) -> nn.ModuleDict:
+    metrics = {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes >= 5:
+        metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    metrics["confusion"] = MulticlassConfusionMatrix(num_classes)
+    return nn.ModuleDict(metrics)
+
+
+def _per_class_table(stage: str, rows: list[tuple[str, float, int]]) -> str:
+    shown = rows
+    note = ""
+    if len(rows) > MAX_TABLE_ROWS:
+        ranked = sorted((r for r in rows if r[2]), key=lambda r: r[1])
+        half = MAX_TABLE_ROWS // 2
+        shown = ranked[:half] + ranked[-half:]
+        note = f"  ({half} worst and {half} best of {len(rows)} classes; all in confusion/{stage}_per_class.csv)\n"
+    width = max(5, *(len(n) for n, _, _ in shown))
+    lines = [f"per-class accuracy ({stage}, {sum(c for _, _, c in rows)} images):", note.rstrip("\n"),
+             f"  {'class':<{width}}  {'acc1':>7}  {'images':>6}"]
+    lines += [f"  {n:<{width}}  {'-' if not c else f'{100 * a:6.2f}%':>7}  {c:>6}" for n, a, c in shown]
+    return "\n".join(line for line in lines if line)
+
+
+def _parts(keys: list[str]) -> str:
+    return ", ".join(sorted({k.split(".")[0] for k in keys}))
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    if not items:
+        return "none"
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _check_args(args: dict[str, Any]) -> None:
+    if args["mode"] not in MODES:
+        raise ValueError(f"model.mode must be one of {MODES}, got {args['mode']!r}")
+    if args["global_pool"] not in (None, "token", "avg", "map"):
+        raise ValueError(f"model.global_pool must be token, avg or map, got {args['global_pool']!r}")
+    if args["optimizer"] not in (None, "adamw", "sgd"):
+        raise ValueError(f"model.optimizer must be adamw or sgd, got {args['optimizer']!r}")
+    for name in ("mixup", "cutmix", "label_smoothing", "warmup_epochs", "weight_decay", "drop_path_rate"):
+        if args[name] < 0:
+            raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
+    if not 0.0 <= args["mixup_prob"] <= 1.0 or not 0.0 <= args["label_smoothing"] < 1.0:
+        raise ValueError("model.mixup_prob must be in [0, 1] and model.label_smoothing in [0, 1)")
+    if args["layer_decay"] is not None and not 0.0 < args["layer_decay"] <= 1.0:
+        raise ValueError(f"model.layer_decay must be in (0, 1] or null, got {args['layer_decay']}")
