@@ -271,11 +271,6 @@ def test_skip_gives_up_after_too_many_in_a_row(tmp_path) -> None:
 
 RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "scale")
 # ModelCheckpoint(save_last=True, monitor=...) rewrites last.ckpt only when the monitored metric improves
-STALE_LAST = {"finetune/vit_base_in1k.yaml", "finetune/vit_tiny_digits.yaml", "linprobe/vit_base_in1k.yaml",
-              "linprobe/vit_tiny_digits.yaml", "linprobe/vit_tiny_digits_attentive.yaml",
-              "supervised/vit_tiny_digits.yaml"}
-
-
 def _name(p: Path) -> str:
     return f"{p.parent.name}/{p.name}"
 
@@ -289,10 +284,7 @@ def test_recipes_use_bf16_not_fp16_and_clip_gradients(recipe: Path) -> None:
         assert trainer.get("precision") == "bf16-mixed"
 
 
-@pytest.mark.parametrize("recipe", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="last.ckpt from a monitored ModelCheckpoint "
-                                            "goes stale; use vit.train.guards.LastCheckpoint"))
-    if _name(p) in STALE_LAST else p for p in RECIPES], ids=_name)
+@pytest.mark.parametrize("recipe", RECIPES, ids=_name)
 def test_recipes_keep_last_ckpt_current(recipe: Path) -> None:
     callbacks = yaml.safe_load(recipe.read_text()).get("trainer", {}).get("callbacks", [])
     paths = [cb.get("class_path", "") if isinstance(cb, dict) else str(cb) for cb in callbacks]
