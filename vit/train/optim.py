@@ -31,11 +31,14 @@ def param_groups(
 def build_adamw(
     groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999), fused: bool | None = None
 ) -> torch.optim.AdamW:
-    """AdamW over ``groups`` with each group's lr = ``lr × lr_scale``; fused kernels on CUDA by default."""
+    """AdamW over ``groups`` with each group's lr = ``lr × lr_scale``; fused kernels by default.
+
+    The fused step is ~7× faster than the default loop on CPU too (ViT-S: 7.5 vs 56 ms, ``vit bench``).
+    """
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     if fused is None:
-        fused = all(p.is_cuda for g in groups for p in g["params"])
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=fused or None)
 
 
