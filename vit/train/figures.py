@@ -30,12 +30,7 @@ def save_image_grid(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_learning_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
@@ -59,11 +54,7 @@ def save_learning_curves(metrics_csv: str | Path, path: str | Path) -> Path | No
     ax.set_xlabel("epoch")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_confusion_matrix(
@@ -93,12 +84,7 @@ def save_confusion_matrix(
     ax.set_ylabel("true")
     acc = counts.diag().sum() / counts.sum().clamp_min(1)
     ax.set_title(f"{title + ': ' if title else ''}top-1 {100 * acc:.2f}% of {int(counts.sum())} images", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def save_attention_overlay(
@@ -124,6 +110,10 @@ def save_attention_overlay(
         ax.set_yticks([])
     if title:
         fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
