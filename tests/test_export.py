@@ -19,14 +19,17 @@ import vit
 from vit.export import (
     ExportCheckError,
     UnsafeCheckpointError,
+    build_network,
     export_model,
     find_checkpoint,
-    model_from_checkpoint,
+    read_weights,
+    record_of,
     resize_model,
     timm_config,
 )
 from vit.export.command import main
-from vit.models import MaskedAutoencoder, VisionTransformer
+from vit.models import RECORD_KEY, MaskedAutoencoder, NetworkRecord, VisionTransformer
+from vit.train import ImageClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
@@ -34,29 +37,15 @@ TINY_MAE = dict(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4
 CLASSES = ["cat", "dog", "eel"]
 
 
-class TinyClassifier(L.LightningModule):
-    """The shape of our LightningModules: a registry name plus overrides, the network held as ``self.model``."""
-
-    def __init__(self, model: str = "vit_tiny_patch16_224", model_kwargs: dict | None = None,
-                 num_classes: int = 3, class_names: list[str] | None = None) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = vit.create_model(model, num_classes=num_classes, **(model_kwargs or {}))
-
-    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return torch.nn.functional.cross_entropy(self.model(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-
 class TinyData(L.LightningDataModule):
-    """Random images; the class names live in the datamodule's hyper_parameters, as in ImageDataModule."""
+    """Random images with the data module's public facts: class names and the preprocessing to record."""
 
-    def __init__(self, class_names: list[str]) -> None:
+    preprocessing = {"img_size": [32, 32], "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "crop_pct": 1.0,
+                     "interpolation": "bicubic"}
+
+    def __init__(self) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.class_names, self.num_classes = CLASSES, len(CLASSES)
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(0)
@@ -66,39 +55,51 @@ class TinyData(L.LightningDataModule):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real Lightning run: two AdamW steps of a tiny ViT, checkpointed by the default ModelCheckpoint."""
+    """A real run of our classifier: two AdamW steps of a tiny ViT, checkpointed by the default ModelCheckpoint."""
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    module = TinyClassifier(model_kwargs=TINY, num_classes=3)
+    module = ImageClassifier("vit_tiny_patch16_224", model_kwargs=TINY, mixup=0.0, cutmix=0.0, warmup_epochs=0,
+                             base_lr=0.1)
     trainer = L.Trainer(max_steps=2, default_root_dir=root, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", devices=1)
-    trainer.fit(module, datamodule=TinyData(CLASSES))
+    trainer.fit(module, datamodule=TinyData())
     torch.save(module.model.state_dict(), root / "trained_state.pt")
     return root
 
 
 @pytest.fixture(scope="module")
 def trained(run_dir: Path) -> VisionTransformer:
-    model, _ = model_from_checkpoint(run_dir)
-    return model
+    return vit.load_backbone(run_dir)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def _lightning_ckpt(path: Path, net: torch.nn.Module, record: dict | None) -> None:
+    """A checkpoint laid out as our LightningModules write it: the network under ``model.``, its record beside."""
+    ckpt = {"pytorch-lightning_version": "2.6.6", "hyper_parameters": {"model": "anything"},
+            "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}
+    if record is not None:
+        ckpt[RECORD_KEY] = record
+    torch.save(ckpt, path)
+
+
 def _mae_ckpt(path: Path) -> MaskedAutoencoder:
-    """A checkpoint as the MAE pretrainer writes it (crafted), holding an MAE one optimiser step from init."""
-    kwargs = {k: v for k, v in TINY_MAE.items() if k != "img_size"}
-    mae = vit.create_model("mae_vit_base_patch16", img_size=32, **kwargs)
+    """An MAE one optimiser step from init, checkpointed as MAEPretrainer does (weights + record)."""
+    mae = vit.create_model("mae_vit_base_patch16", **TINY_MAE, norm_pix_loss=True)
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-2)
     mae(torch.randn(2, 3, 32, 32))[0].backward()
     opt.step()
-    hparams = {"model": "mae_vit_base_patch16", "img_size": 32, "norm_pix_loss": True, "mask_ratio": 0.75,
-               "model_kwargs": kwargs}
-    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams,
-                "state_dict": {f"model.{k}": v for k, v in mae.state_dict().items()}}, path)
+    _lightning_ckpt(path, mae, NetworkRecord.from_model(mae, name="mae_vit_base_patch16").to_dict())
     return mae.eval()
+
+
+def _read(path: Path) -> tuple[torch.nn.Module, dict]:
+    """What `vit export` reads: the network built from the source's record, and the record."""
+    weights = read_weights(path)
+    net = build_network(weights)
+    return net, record_of(weights, net).to_dict()
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -107,15 +108,26 @@ def _mae_ckpt(path: Path) -> MaskedAutoencoder:
 def test_real_lightning_checkpoint_rebuilds_the_network(run_dir: Path, trained: VisionTransformer) -> None:
     ckpt = find_checkpoint(run_dir)
     assert ckpt.suffix == ".ckpt" and ckpt.is_relative_to(run_dir)
-    model, meta = model_from_checkpoint(ckpt)
-    assert meta["class_names"] == CLASSES  # from the datamodule's hyper_parameters
-    assert meta["source"] == str(ckpt)
+    record = torch.load(ckpt, weights_only=True)[RECORD_KEY]
+    assert record["name"] == "vit_tiny_patch16_224" and record["model_args"]["global_pool"] == "avg"
+    assert record["class_names"] == CLASSES and record["mean"] == TinyData.preprocessing["mean"]
+    model, meta = _read(ckpt)
+    assert meta["class_names"] == CLASSES and meta["std"] == TinyData.preprocessing["std"]
     state = torch.load(run_dir / "trained_state.pt", weights_only=True)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
-    fresh = vit.create_model("vit_tiny_patch16_224", num_classes=3, **TINY)
+    fresh = vit.create_model("vit_tiny_patch16_224", num_classes=3, global_pool="avg", **TINY)
     assert _max_diff(fresh.head.weight, model.head.weight) > 1e-3  # trained, not init values
     assert not model.training
+
+
+def test_a_checkpoint_without_a_record_is_not_guessed(tmp_path: Path, trained: VisionTransformer) -> None:
+    _lightning_ckpt(tmp_path / "old.ckpt", trained, record=None)
+    with pytest.raises(ValueError, match="without a record of its network"):
+        vit.load_backbone(tmp_path / "old.ckpt")
+    model = build_network(read_weights(tmp_path / "old.ckpt"), name="vit_tiny_patch16_224",
+                          model_args={**TINY, "num_classes": 3, "global_pool": "avg"})
+    torch.testing.assert_close(model.head.weight, trained.head.weight)
 
 
 def test_run_directory_rule(tmp_path: Path) -> None:
@@ -138,20 +150,19 @@ def test_run_directory_rule(tmp_path: Path) -> None:
         find_checkpoint(tmp_path / "lightning_logs" / "version_0" / "nothing_here")
 
 
-def test_linear_probe_checkpoint_folds_its_batchnorm(tmp_path: Path) -> None:
+def test_linear_probe_checkpoint_folds_its_batchnorm_with_the_recorded_eps(tmp_path: Path) -> None:
     net = VisionTransformer(**TINY, num_classes=3, global_pool="avg")
-    bn = torch.nn.BatchNorm1d(64, affine=False, eps=1e-6)
+    bn = torch.nn.BatchNorm1d(64, affine=False, eps=0.5)  # far from 1e-6: a loader with its own eps fails
     bn.running_mean.normal_()
-    bn.running_var.uniform_(0.5, 2.0)
+    bn.running_var.uniform_(0.1, 0.5)
     net.head = torch.nn.Sequential(bn, torch.nn.Linear(64, 3))
     net.eval()
-    # as the classifier writes it in linear_probe mode: global_pool unset (it pools by average)
-    hparams = {"model": "vit_tiny_patch16_224", "model_kwargs": TINY, "num_classes": 3, "global_pool": None,
-               "mode": "linear_probe", "class_names": CLASSES}
-    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams,
-                "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "probe.ckpt")
-    model, meta = model_from_checkpoint(tmp_path / "probe.ckpt")
+    record = NetworkRecord.from_model(net, "vit_tiny_patch16_224", class_names=CLASSES)
+    assert record.head == {"kind": "batchnorm_linear", "eps": 0.5}
+    _lightning_ckpt(tmp_path / "probe.ckpt", net, record.to_dict())
+    model, meta = _read(tmp_path / "probe.ckpt")
     assert model.global_pool == "avg" and isinstance(model.head, torch.nn.Linear) and meta["class_names"] == CLASSES
+    assert meta["head"] == {"kind": "linear"}
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert _max_diff(model(x), net(x)) < 1e-5
@@ -161,8 +172,9 @@ def test_plain_state_dict_needs_a_model_name(tmp_path: Path, trained: VisionTran
     path = tmp_path / "weights.pth"
     torch.save(trained.state_dict(), path)
     with pytest.raises(ValueError, match="--model NAME"):
-        model_from_checkpoint(path)
-    model, _ = model_from_checkpoint(path, model="vit_tiny_patch16_224", model_args={**TINY, "num_classes": 3})
+        _read(path)
+    model = build_network(read_weights(path), name="vit_tiny_patch16_224",
+                          model_args={**TINY, "num_classes": 3, "global_pool": "avg"})
     torch.testing.assert_close(model.pos_embed, trained.pos_embed)
 
 
@@ -170,13 +182,15 @@ def test_plain_state_dict_needs_a_model_name(tmp_path: Path, trained: VisionTran
 
 
 def test_safetensors_export_loads_with_our_loader(tmp_path: Path, trained: VisionTransformer) -> None:
-    report = export_model(trained, "safetensors", tmp_path, meta={"class_names": CLASSES, "source": "x.ckpt"})
+    record = NetworkRecord.from_model(trained, "vit_tiny_patch16_224", TinyData.preprocessing, CLASSES)
+    report = export_model(trained, "safetensors", tmp_path, record=record, source="x.ckpt")
     assert {p.name for p in report.files} == {"model.safetensors", "config.json"}
     assert report.checks and all(c.ok for c in report.checks)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["format_version"] == 1 and config["architecture"] == "VisionTransformer"
     assert config["img_size"] == [32, 32] and config["patch_size"] == [4, 4] and config["num_classes"] == 3
-    assert config["class_names"] == CLASSES and len(config["mean"]) == 3 and config["vitkit_version"]
+    assert config["class_names"] == CLASSES and config["mean"] == TinyData.preprocessing["mean"]
+    assert config["name"] == "vit_tiny_patch16_224" and config["source"] == "x.ckpt" and config["vitkit_version"]
     loaded = vit.load_backbone(tmp_path)
     assert isinstance(loaded, VisionTransformer) and not loaded.training
     x = torch.randn(3, 3, 32, 32)
@@ -239,7 +253,7 @@ def test_vit_source_mae_format_is_encoder_only(tmp_path: Path, trained: VisionTr
     report = export_model(trained, "mae", tmp_path, head=False)
     assert any("encoder-only" in n for n in report.notes)
     official = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["model"]
-    assert "cls_token" in official and "norm.weight" in official
+    assert "cls_token" in official and "fc_norm.weight" in official  # the classifier pools by average
     assert not any(k.startswith(("decoder", "head.")) for k in official)
 
 
@@ -273,7 +287,7 @@ def test_torch_export_program_loads(tmp_path: Path, trained: VisionTransformer) 
     report = export_model(trained, "torch-export", tmp_path, head=False)
     assert all(c.ok for c in report.checks)
     program = torch.export.load(tmp_path / "model.pt2").module()
-    backbone = vit.create_model("vit_tiny_patch16_224", num_classes=0, **TINY)
+    backbone = VisionTransformer(**{**trained.model_args, "num_classes": 0})
     vit.load_weights(backbone, {k: v for k, v in trained.state_dict().items() if not k.startswith("head.")})
     for batch in (1, 3):
         x = torch.randn(batch, 3, 32, 32)
@@ -283,8 +297,9 @@ def test_torch_export_program_loads(tmp_path: Path, trained: VisionTransformer) 
             assert _max_diff(out, backbone.eval()(x)) <= 1e-4
 
 
-def test_a_bad_export_fails_loudly(tmp_path: Path, trained: VisionTransformer, monkeypatch, capsys) -> None:
-    real = vit.export.formats.load_backbone
+def test_a_bad_export_fails_loudly(tmp_path: Path, trained: VisionTransformer, run_dir: Path, monkeypatch,
+                                   capsys) -> None:
+    real = vit.export.writers.load_backbone
 
     def perturbed(path: Path) -> VisionTransformer:
         model = real(path)
@@ -292,11 +307,10 @@ def test_a_bad_export_fails_loudly(tmp_path: Path, trained: VisionTransformer, m
             model.head.bias.add_(1e-3)
         return model
 
-    monkeypatch.setattr(vit.export.formats, "load_backbone", perturbed)
-    with pytest.raises(ExportCheckError, match="max |diff|"):
+    monkeypatch.setattr(vit.export.writers, "load_backbone", perturbed)
+    with pytest.raises(ExportCheckError, match=r"vit.load_backbone .* max \|diff\| 0\.001 > 0\.0001"):
         export_model(trained, "safetensors", tmp_path)
-    monkeypatch.setattr(vit.export.command, "model_from_checkpoint", lambda *a, **k: (trained, {"source": "x"}))
-    assert main(["x.ckpt", "--out", str(tmp_path)]) == 1
+    assert main([str(run_dir), "--out", str(tmp_path)]) == 1
     out, err = capsys.readouterr()
     assert "FAILED" in out and "does not reproduce" in err and "Traceback" not in err
 
@@ -335,7 +349,7 @@ def test_malicious_pickle_is_refused_everywhere(tmp_path: Path, capsys) -> None:
         vit.load_backbone(ckpt)
     export_dir = tmp_path / "export"
     export_dir.mkdir()
-    (export_dir / "config.json").write_text(json.dumps({"model_args": TINY}))
+    (export_dir / "config.json").write_text(json.dumps({"architecture": "VisionTransformer", "model_args": TINY}))
     torch.save({"model": Evil()}, export_dir / "checkpoint.pth")
     with pytest.raises(UnsafeCheckpointError):
         vit.load_backbone(export_dir)
@@ -348,9 +362,9 @@ def test_cli_user_errors_are_short(tmp_path: Path, trained: VisionTransformer, c
     assert main([str(tmp_path / "missing.ckpt"), "--format", "tflite", "--out", "o"]) == 2
     assert "invalid choice" in capsys.readouterr().err
     wrong = tmp_path / "wrong.ckpt"
-    hparams = {"model": "vit_tiny_patch16_224", "model_kwargs": {**TINY, "embed_dim": 32}, "num_classes": 3}
-    torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": hparams,
-                "state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, wrong)
+    record = NetworkRecord.from_model(trained).to_dict()
+    record["model_args"]["embed_dim"] = 32  # a record that does not describe the weights
+    _lightning_ckpt(wrong, trained, record)
     assert main([str(wrong), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "wrong.ckpt" in err and "shape conflicts" in err and "pos_embed" in err and "Traceback" not in err

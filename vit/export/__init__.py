@@ -1,34 +1,18 @@
-"""Weights in and out: layout conversion (ours ↔ timm ↔ official MAE), safe loading, exporters."""
+"""Weights in and out: reading any supported source once, key maps (ours ↔ timm ↔ official MAE), exporters."""
 
-from vit.export.formats import (
-    FORMATS,
-    Check,
-    ExportCheckError,
-    ExportReport,
-    MissingExtraError,
-    export_config,
-    export_model,
-    timm_config,
-)
-from vit.export.interop import (
-    detect_layout,
-    mae_official_to_vit,
-    timm_to_vit,
-    vit_to_mae_official,
-    vit_to_timm,
-)
-from vit.export.load import (
-    LoadReport,
+from vit.export.config import export_config, timm_config
+from vit.export.interop import detect_layout, mae_official_to_vit, timm_to_vit, vit_to_mae_official, vit_to_timm
+from vit.export.load import LoadReport, build_network, load_backbone, load_weights, record_of, resize_model
+from vit.export.read import (
     UnsafeCheckpointError,
+    Weights,
     WeightsMismatchError,
     find_checkpoint,
-    load_backbone,
-    load_weights,
-    model_from_checkpoint,
     read_checkpoint,
-    read_state_dict,
-    resize_model,
+    read_weights,
 )
+from vit.export.verify import Check, ExportCheckError, ExportReport
+from vit.export.writers import FORMATS, MissingExtraError, export_model
 
 __all__ = [
     "FORMATS",
@@ -38,7 +22,9 @@ __all__ = [
     "LoadReport",
     "MissingExtraError",
     "UnsafeCheckpointError",
+    "Weights",
     "WeightsMismatchError",
+    "build_network",
     "detect_layout",
     "export_config",
     "export_model",
@@ -46,9 +32,9 @@ __all__ = [
     "load_backbone",
     "load_weights",
     "mae_official_to_vit",
-    "model_from_checkpoint",
     "read_checkpoint",
-    "read_state_dict",
+    "read_weights",
+    "record_of",
     "resize_model",
     "timm_config",
     "timm_to_vit",

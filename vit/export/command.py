@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from vit.export.formats import DEFAULT_OPSET, FORMATS, ExportCheckError, ExportReport, export_model
-from vit.export.load import model_from_checkpoint
+from vit.export.load import build_network, record_of
+from vit.export.read import read_weights
+from vit.export.verify import ExportCheckError, ExportReport
+from vit.export.writers import DEFAULT_OPSET, FORMATS, export_model
 
 DESCRIPTION = """\
 Export a trained network for other projects, then re-run seeded sample inputs (batch 1 and 3, at every
@@ -19,10 +21,10 @@ exported resolution) through the source and through what a consumer loads back, 
 difference per check; exits non-zero when one exceeds --atol.
 
 SOURCE is one of:
-  a Lightning .ckpt of our LightningModules (the network is rebuilt from its hyper_parameters),
+  a Lightning .ckpt of our LightningModules (the network is rebuilt from the record it holds),
   a run directory (searched recursively for *.ckpt: the best checkpoint ModelCheckpoint recorded when it
     monitored a metric, else the newest last*.ckpt, else the newest *.ckpt),
-  an export directory (config.json + model.safetensors),
+  an export directory (config.json, our record of the network, + model.safetensors),
   a plain state dict (.pth / .safetensors) with --model NAME [--model-args JSON].
 An MAE source exports its encoder, except with --format mae (the full MAE, official layout).
 Every file is read with safetensors or torch.load(weights_only=True): pickled code is refused.
@@ -65,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("vit").setLevel(logging.INFO)
     try:
         t0 = time.perf_counter()
-        model, meta = model_from_checkpoint(args.source, model=args.model, model_args=args.model_args)
-        print(f"source: {meta['source']} ({_describe(model)}, read in {time.perf_counter() - t0:.2f} s)")
-        report = export_model(model, args.format, args.out, meta=meta, image_sizes=args.image_size,
-                              head=args.head, opset=args.opset, atol=args.atol)
+        weights = read_weights(args.source)
+        model = build_network(weights, name=args.model, model_args=args.model_args)
+        print(f"source: {weights.source} ({_describe(model)}, read in {time.perf_counter() - t0:.2f} s)")
+        report = export_model(model, args.format, args.out, record=record_of(weights, model), source=weights.source,
+                              image_sizes=args.image_size, head=args.head, opset=args.opset, atol=args.atol)
     except ExportCheckError as e:
         _print_report(e.report)
         print(f"vit export: error: {e}", file=sys.stderr)

@@ -68,13 +68,3 @@ def mae_official_to_vit(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
 def vit_to_mae_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our ``MaskedAutoencoder`` (or a bare encoder) → the official MAE layout."""
     return {k.removeprefix("encoder."): v for k, v in state_dict.items()}
-
-
-def encoder_state(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The encoder of an MAE state dict in any layout (decoder dropped), in our ViT layout."""
-    layout = detect_layout(state_dict)
-    if layout == "mae":
-        return {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
-    if layout == "mae_official":
-        return {k: v for k, v in state_dict.items() if not k.startswith(MAE_DECODER_PREFIXES)}
-    return timm_to_vit(state_dict) if layout == "timm" else dict(state_dict)

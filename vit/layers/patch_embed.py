@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import torch
+from timm.layers import to_2tuple
 from torch import nn
-
-
-def to_2tuple(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """An int or a pair as an (h, w) pair."""
-    if isinstance(size, int):
-        return (size, size)
-    h, w = size
-    return (int(h), int(w))
 
 
 class PatchEmbed(nn.Module):

@@ -143,7 +143,9 @@ class VisionTransformer(nn.Module):
             if "map" in (global_pool, self.global_pool):
                 raise ValueError("switching to or from global_pool='map' needs a new model (the MAP head has weights)")
             self.global_pool = global_pool
+            self.model_args["global_pool"] = global_pool
         self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes  # the record of what the model is now (exports rebuild it)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)

@@ -6,11 +6,13 @@ Conventions, stated once:
 - ``num_classes`` and ``class_names`` default to the datamodule's. The network is then built in
   ``configure_model`` (Lightning calls it before a checkpoint is restored, and ``EMAWeightAveraging`` calls it
   before copying the weights); both values are written back into ``hparams`` so the checkpoint describes itself.
-- ``init_from`` is read in ``configure_model`` too, before EMA copies the weights. Restoring a checkpoint
-  (``--ckpt_path`` or ``load_from_checkpoint``) replaces every weight afterwards, so ``init_from`` is then moot.
+- ``init_from`` is read in ``configure_model`` too, before EMA copies the weights (rules in ``init_from.py``).
+  Restoring a checkpoint (``--ckpt_path`` or ``load_from_checkpoint``) replaces every weight afterwards.
+- Checkpoints record the network (``NetworkRecord``: model arguments, head kind, preprocessing, class names),
+  so exports and ``vit.load_backbone`` rebuild it without reading these hyperparameters.
 - Linear probe (MAE's recipe): the frozen backbone's pooled feature → ``BatchNorm1d(affine=False)`` → ``Linear``,
-  held as ``model.head = Sequential(bn, linear)`` (keys ``head.0.*``, ``head.1.*``; exports fold the two into one
-  ``head``, exact in eval mode).
+  held as ``model.head = Sequential(bn, linear)`` (keys ``head.0.*``, ``head.1.*``; the record names the head's
+  kind and eps, and exports fold the two into one ``head``, exact in eval mode).
   MAE optimises it with LARS, which torch lacks; we use SGD with momentum (the linear-evaluation optimiser of
   MoCo v3 and DINO). Over BatchNorm-ed features one linear layer is well conditioned, and LARS's per-layer trust
   ratio only rescales the single layer's step, which the learning rate absorbs.
@@ -23,39 +25,33 @@ Conventions, stated once:
 
 from __future__ import annotations
 
-import csv
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning import Callback
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from vit.export import WeightsMismatchError, detect_layout, load_weights, read_state_dict
-from vit.export.interop import encoder_state
 from vit.models import VisionTransformer, create_model
-from vit.train.optim import build_adamw, param_groups, scaled_lr, warmup_cosine
-from vit.train.schedule import effective_batch_size, steps_per_epoch
+from vit.train.confusion import ConfusionReport
+from vit.train.init_from import load_pretrained
+from vit.train.module import VitModule
+from vit.train.optim import OptimizerName
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["finetune", "linear_probe", "attentive_probe"]
-MODES: tuple[str, ...] = ("finetune", "linear_probe", "attentive_probe")
-# parts a pretrained backbone may lack (fresh here) or carry that this model has no use for (dropped)
-NEW_PARTS = ("head.", "fc_norm.", "attn_pool.")
-DROPPED_PARTS = ("head.", "fc_norm.", "attn_pool.", "norm.")
 # the modules a probe trains; everything else is the frozen backbone
 PROBE_PARTS = {"linear_probe": ("head",), "attentive_probe": ("head", "attn_pool")}
-MAX_TABLE_ROWS = 40
+PROBE_BN_EPS = 1e-6  # MAE's linear probe BatchNorm; the network record carries it to every loader
 
 
-class ImageClassifier(LightningModule):
+class ImageClassifier(VitModule):
     """A ``VisionTransformer`` classifier with the MAE fine-tuning recipe, or a probe on a frozen backbone.
 
     Args:
@@ -111,7 +107,7 @@ class ImageClassifier(LightningModule):
         label_smoothing: float = 0.1,
     ) -> None:
         super().__init__()
-        _check_args(locals())
+        _check_values(locals())
         if isinstance(img_size, list):
             img_size = tuple(img_size)
         self.save_hyperparameters()
@@ -123,18 +119,17 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"model.mode='attentive_probe' needs global_pool='map', got {self.global_pool!r}")
         if mode == "linear_probe" and self.global_pool == "map":
             raise ValueError("model.mode='linear_probe' pools with 'token' or 'avg'; for 'map' use 'attentive_probe'")
-        self.optimizer_name = optimizer or ("sgd" if mode == "linear_probe" else "adamw")
+        self.optimizer_name: OptimizerName = optimizer or ("sgd" if mode == "linear_probe" else "adamw")
         self.init_from = init_from
         self.model: VisionTransformer | None = None
         self.class_names: list[str] = []
-        self.run_info: dict[str, float] = {}
         self.last_per_class: list[tuple[str, float, int]] = []
         self.soft_target_loss = SoftTargetCrossEntropy()
         self.mixup_fn: Mixup | None = None
         self._weights_ready = False
         self._names_given = bool(class_names)
         if num_classes is not None:
-            self._build(num_classes, class_names)
+            self.build_network(num_classes, class_names)
 
     @property
     def num_classes(self) -> int:
@@ -149,7 +144,7 @@ class ImageClassifier(LightningModule):
             n = getattr(dm, "num_classes", None)
             if n is None:
                 raise ValueError("model.num_classes is unset and no datamodule with num_classes is attached")
-            self._build(n, self.hparams.class_names or getattr(dm, "class_names", None))
+            self.build_network(n, self.hparams.class_names or getattr(dm, "class_names", None))
         elif not self._weights_ready and not self._names_given:
             names = getattr(dm, "class_names", None)
             if names and len(names) == self.num_classes:  # num_classes was given, the names were not
@@ -159,7 +154,8 @@ class ImageClassifier(LightningModule):
             if self.init_from:
                 self._load_init(self.init_from)
 
-    def _build(self, num_classes: int, class_names: list[str] | None) -> None:
+    def build_network(self, num_classes: int, class_names: list[str] | None = None) -> None:
+        """Build ``self.model`` for ``num_classes`` (named ``class_names``); ``configure_model`` calls it."""
         hp = self.hparams
         if num_classes <= 0:
             raise ValueError(f"model.num_classes must be positive, got {num_classes}")
@@ -187,7 +183,7 @@ class ImageClassifier(LightningModule):
         n, dim = len(names), self.model.embed_dim
         if self.mode == "linear_probe" and not isinstance(self.model.head, nn.Sequential):
             # MAE's linear probe: a BatchNorm without affine parameters whitens the frozen features
-            self.model.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, n))
+            self.model.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS), nn.Linear(dim, n))
         self.val_metrics = _metrics(n)
         self.test_metrics = _metrics(n)
         hp = self.hparams
@@ -199,48 +195,8 @@ class ImageClassifier(LightningModule):
         self._freeze_backbone()
 
     def _load_init(self, source: str) -> None:
-        """Load a pretrained backbone; only the head, fc_norm and MAP head may be new (as MAE's fine-tune asserts)."""
-        raw = read_state_dict(source)
-        layout = detect_layout(raw)
-        state = encoder_state(raw)  # our ViT layout; an MAE's decoder is dropped here
-        own = self.model.state_dict()
-        head = [k for k in state if k.startswith("head.")]
-        head_new = not head or any(k not in own or state[k].shape != own[k].shape for k in head)
-        if head and head_new:
-            n_old = next((state[k].shape[0] for k in head if k.endswith("weight") and state[k].ndim == 2), "?")
-            rank_zero_info(f"init_from: re-initialising the head: {source} has {n_old} classes, "
-                           f"this model {self.num_classes} ({self.mode})")
-            state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        try:
-            report = load_weights(self.model, state, strict=False)
-        except WeightsMismatchError as e:
-            raise WeightsMismatchError(f"model.init_from {source} does not fit model {self.hparams.model!r} "
-                                       f"with {self.hparams.model_kwargs}: {e}") from e
-        bad_missing = [k for k in report.missing if not k.startswith(NEW_PARTS)]
-        bad_unexpected = [k for k in report.unexpected if not k.startswith(DROPPED_PARTS)]
-        if bad_missing or bad_unexpected:
-            raise WeightsMismatchError(
-                f"model.init_from {source} (layout {layout!r}) does not fit model {self.hparams.model!r} with "
-                f"{self.hparams.model_kwargs}: backbone keys missing from the checkpoint: {_short(bad_missing)}; "
-                f"checkpoint keys this model lacks: {_short(bad_unexpected)} (check depth, tokens and pooling)"
-            )
-        if head_new:
-            self._init_head()
-        # an MAE's fixed sin-cos positions load into a trainable pos_embed: MAE's fine-tuning trains them too
-        loaded = len(state) - len(report.unexpected)
-        rank_zero_info(
-            f"init_from {source} (layout {layout!r}): loaded {loaded} tensors"
-            + (f"; resampled {', '.join(report.resampled)}" if report.resampled else "")
-            + (f"; new: {_parts(report.missing)}" if report.missing else "")
-            + (f"; dropped: {_parts(report.unexpected)}" if report.unexpected else "")
-            + ("; dropped the MAE decoder" if layout in ("mae", "mae_official") else "")
-        )
-
-    def _init_head(self) -> None:
-        linear = self.model.head[-1] if isinstance(self.model.head, nn.Sequential) else self.model.head
         # MAE: a tiny head init for fine-tuning (std 2e-5), 0.01 for the linear probe
-        nn.init.trunc_normal_(linear.weight, std=0.01 if self.mode == "linear_probe" else 2e-5)
-        nn.init.zeros_(linear.bias)
+        rank_zero_info(load_pretrained(self.model, source, head_std=0.01 if self.mode == "linear_probe" else 2e-5))
 
     def _freeze_backbone(self) -> None:
         if self.mode == "finetune":
@@ -296,74 +252,29 @@ class ImageClassifier(LightningModule):
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         for name, metric in metrics.items():
             metric.update(logits, y)
-            if name != "confusion":
+            if name in ("acc1", "acc5"):  # per_class and confusion go to ConfusionReport
                 self.log(f"{stage}/{name}", metric, on_epoch=True, prog_bar=name == "acc1", batch_size=x.shape[0])
 
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_report("val", self.val_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_report("test", self.test_metrics)
-
-    def _epoch_report(self, stage: str, metrics: nn.ModuleDict) -> None:
-        matrix = metrics["confusion"].compute().cpu()  # synced over processes: every rank must call it
-        metrics["confusion"].reset()
-        if self.trainer.sanity_checking:
-            return
-        counts = matrix.sum(dim=1)
-        acc = matrix.diag().float() / counts.clamp_min(1)
-        self.last_per_class = [(n, float(a) if c else float("nan"), int(c))
-                               for n, a, c in zip(self.class_names, acc, counts, strict=True)]
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "confusion"
-        self._save_confusion(folder, stage, matrix)
-        if self.trainer.state.fn != "fit":
-            table = _per_class_table(stage, self.last_per_class)
-            rank_zero_info(f"{table}\nconfusion matrix: {folder / f'{stage}.png'} (per class: {stage}_per_class.csv)")
-
-    @rank_zero_only
-    def _save_confusion(self, folder: Path, stage: str, matrix: torch.Tensor) -> None:
-        from vit.train.figures import save_confusion_matrix
-
-        title = f"{stage}, epoch {self.current_epoch}" if self.trainer.state.fn == "fit" else stage
-        save_confusion_matrix(matrix, self.class_names, folder / f"{stage}.png", title=title)
-        with open(folder / f"{stage}_per_class.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "accuracy", "images"])
-            writer.writerows([(n, f"{a:.4f}", c) for n, a, c in self.last_per_class])
+    def configure_callbacks(self) -> list[Callback]:
+        """The confusion-matrix PNG and per-class accuracy after every validation and test epoch."""
+        return [ConfusionReport()]
 
     # ----------------------------------------------------------------------------------------------- optimiser
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        total = int(self.trainer.estimated_stepping_batches)  # first: it sets up the train loader
-        eff_batch = effective_batch_size(self.trainer)
-        lr = hp.lr if hp.lr is not None else scaled_lr(hp.base_lr, eff_batch)
-        layer_decay = hp.layer_decay if self.mode == "finetune" else None
-        groups = param_groups(self.model, hp.weight_decay, layer_decay)  # frozen parameters are left out
-        if self.optimizer_name == "sgd":
-            for g in groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=hp.momentum)
-        else:
-            optimizer = build_adamw(groups, lr, hp.betas)
-        warmup = round(hp.warmup_epochs * steps_per_epoch(self.trainer))
-        scheduler = warmup_cosine(optimizer, warmup, total, hp.min_lr_ratio)
-        self.run_info = {"effective_batch_size": eff_batch, "peak_lr": lr, "warmup_steps": warmup,
-                         "total_steps": total, "trainable_params": sum(p.numel() for g in groups for p in g["params"])}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def optimizer_choice(self) -> tuple[OptimizerName, float | None]:
+        return self.optimizer_name, self.hparams.layer_decay if self.mode == "finetune" else None
 
     def on_fit_start(self) -> None:
         self._check_data()
-        info, hp = self.run_info, self.hparams
+        super().on_fit_start()
+
+    def describe_run(self) -> str:
+        hp = self.hparams
         mixing = f"mixup {hp.mixup} / cutmix {hp.cutmix}" if self.mixup_fn is not None else "no mixup"
         decay = f", layer decay {hp.layer_decay}" if self.mode == "finetune" and hp.layer_decay else ""
-        rank_zero_info(
-            f"{self.mode} {hp.model} ({self.global_pool} pool, {self.num_classes} classes): "
-            f"{info['trainable_params']:,} trainable parameters; {self.optimizer_name} lr {info['peak_lr']:.3g} "
-            f"(effective batch {info['effective_batch_size']}){decay}; {info['warmup_steps']} warmup steps of "
-            f"{info['total_steps']}; {mixing}, label smoothing {hp.label_smoothing}"
-        )
-        for logger in self.loggers:
-            logger.log_hyperparams(info)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return (f"{self.mode} {hp.model} ({self.global_pool} pool, {self.num_classes} classes): {trainable:,} "
+                f"trainable parameters; {self.optimizer_name}{decay}; {super().describe_run()}; {mixing}, "
+                f"label smoothing {hp.label_smoothing}")
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn != "fit":
@@ -390,46 +301,22 @@ def _metrics(num_classes: int) -> nn.ModuleDict:
     metrics = {"acc1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
     if num_classes >= 5:
         metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    metrics["per_class"] = MulticlassAccuracy(num_classes, average=None)
     metrics["confusion"] = MulticlassConfusionMatrix(num_classes)
     return nn.ModuleDict(metrics)
 
 
-def _per_class_table(stage: str, rows: list[tuple[str, float, int]]) -> str:
-    shown = rows
-    note = ""
-    if len(rows) > MAX_TABLE_ROWS:
-        ranked = sorted((r for r in rows if r[2]), key=lambda r: r[1])
-        half = MAX_TABLE_ROWS // 2
-        shown = ranked[:half] + ranked[-half:]
-        note = f"  ({half} worst and {half} best of {len(rows)} classes; all in confusion/{stage}_per_class.csv)\n"
-    width = max(5, *(len(n) for n, _, _ in shown))
-    lines = [f"per-class accuracy ({stage}, {sum(c for _, _, c in rows)} images):", note.rstrip("\n"),
-             f"  {'class':<{width}}  {'acc1':>7}  {'images':>6}"]
-    lines += [f"  {n:<{width}}  {'-' if not c else f'{100 * a:6.2f}%':>7}  {c:>6}" for n, a, c in shown]
-    return "\n".join(line for line in lines if line)
-
-
-def _parts(keys: list[str]) -> str:
-    return ", ".join(sorted({k.split(".")[0] for k in keys}))
-
-
-def _short(items: list[str], n: int = 8) -> str:
-    if not items:
-        return "none"
-    return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def _check_args(args: dict[str, Any]) -> None:
-    if args["mode"] not in MODES:
-        raise ValueError(f"model.mode must be one of {MODES}, got {args['mode']!r}")
-    if args["global_pool"] not in (None, "token", "avg", "map"):
-        raise ValueError(f"model.global_pool must be token, avg or map, got {args['global_pool']!r}")
-    if args["optimizer"] not in (None, "adamw", "sgd"):
-        raise ValueError(f"model.optimizer must be adamw or sgd, got {args['optimizer']!r}")
+def _check_values(args: dict[str, Any]) -> None:
+    """The ranges the type hints cannot say (jsonargparse checks the types and choices)."""
     for name in ("mixup", "cutmix", "label_smoothing", "warmup_epochs", "weight_decay", "drop_path_rate"):
         if args[name] < 0:
             raise ValueError(f"model.{name} must be >= 0, got {args[name]}")
-    if not 0.0 <= args["mixup_prob"] <= 1.0 or not 0.0 <= args["label_smoothing"] < 1.0:
-        raise ValueError("model.mixup_prob must be in [0, 1] and model.label_smoothing in [0, 1)")
+    if not 0.0 <= args["mixup_prob"] <= 1.0:
+        raise ValueError(f"model.mixup_prob must be in [0, 1], got {args['mixup_prob']}")
+    if not 0.0 <= args["label_smoothing"] < 1.0:
+        raise ValueError(f"model.label_smoothing must be in [0, 1), got {args['label_smoothing']}")
     if args["layer_decay"] is not None and not 0.0 < args["layer_decay"] <= 1.0:
         raise ValueError(f"model.layer_decay must be in (0, 1] or null, got {args['layer_decay']}")
+    for name in ("base_lr", "lr"):
+        if args[name] is not None and args[name] <= 0:
+            raise ValueError(f"model.{name} must be positive, got {args[name]}")

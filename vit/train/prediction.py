@@ -24,6 +24,7 @@ import torch.distributed as dist
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vit.models import VisionTransformer
 
@@ -180,7 +181,8 @@ def _dataset(trainer: Trainer, dataloader_idx: int) -> Any:
 
 
 def _stats(trainer: Trainer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hp = getattr(trainer.datamodule, "hparams", {})
-    mean, std = hp.get("mean") or (0.485, 0.456, 0.406), hp.get("std") or (0.229, 0.224, 0.225)
+    """The data's normalisation (to show the images as they were), else timm's ImageNet default."""
+    pre = getattr(trainer.datamodule, "preprocessing", None) or {}
+    mean, std = pre.get("mean") or IMAGENET_DEFAULT_MEAN, pre.get("std") or IMAGENET_DEFAULT_STD
     shape = (1, -1, 1, 1)
     return (torch.tensor(mean, device=images.device).view(shape), torch.tensor(std, device=images.device).view(shape))

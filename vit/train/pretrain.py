@@ -5,15 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
 
 from vit.models import MaskedAutoencoder, create_model, model_config
-from vit.train.optim import build_adamw, param_groups, scaled_lr, warmup_cosine
-from vit.train.schedule import effective_batch_size, steps_per_epoch
+from vit.train.module import VitModule
 
 
-class MAEPretrainer(LightningModule):
+class MAEPretrainer(VitModule):
     """Masked-autoencoder pretraining with the paper's recipe: AdamW (0.9, 0.95), lr scaled by batch, warmup + cosine.
 
     Args:
@@ -27,7 +24,7 @@ class MAEPretrainer(LightningModule):
         weight_decay: AdamW decay (none on norms, biases, tokens, positions).
         betas: AdamW betas.
         warmup_epochs: linear warmup length (per step), then cosine to ``min_lr_ratio × lr``.
-        compile: run the network through ``torch.compile``.
+        compile: compile the network in place (``nn.Module.compile``: checkpoints keep the plain key names).
     """
 
     def __init__(
@@ -46,6 +43,9 @@ class MAEPretrainer(LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
+        for name, value in (("base_lr", base_lr), ("lr", lr)):
+            if value is not None and value <= 0:
+                raise ValueError(f"model.{name} must be positive, got {value}")
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"model.mask_ratio must be in [0, 1), got {mask_ratio}")
         if warmup_epochs < 0:
@@ -56,14 +56,14 @@ class MAEPretrainer(LightningModule):
         kwargs = dict(model_kwargs or {}, norm_pix_loss=norm_pix_loss)
         if img_size is not None:
             kwargs["img_size"] = img_size
-        self.model = create_model(model, **kwargs)
+        self.model: MaskedAutoencoder = create_model(model, **kwargs)
         self.mask_ratio = mask_ratio
-        self._forward = torch.compile(self.model) if compile else self.model
-        self.run_info: dict[str, float] = {}
+        if compile:
+            self.model.compile()
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """(loss, pred, mask) of the MAE at this module's mask ratio (or the one given)."""
-        return self._forward(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
+        return self.model(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self(_images(batch))
@@ -78,25 +78,8 @@ class MAEPretrainer(LightningModule):
         loss, _, _ = self(imgs, noise=noise.to(imgs.device))
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=imgs.shape[0])
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        total = int(self.trainer.estimated_stepping_batches)  # first: it sets up the train loader
-        eff_batch = effective_batch_size(self.trainer)
-        lr = self.hparams.lr if self.hparams.lr is not None else scaled_lr(self.hparams.base_lr, eff_batch)
-        optimizer = build_adamw(param_groups(self.model, self.hparams.weight_decay), lr, self.hparams.betas)
-        warmup = round(self.hparams.warmup_epochs * steps_per_epoch(self.trainer))
-        scheduler = warmup_cosine(optimizer, warmup, total, self.hparams.min_lr_ratio)
-        self.run_info = {"effective_batch_size": eff_batch, "peak_lr": lr, "warmup_steps": warmup, "total_steps": total}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_fit_start(self) -> None:
-        info = self.run_info
-        rank_zero_info(
-            f"effective batch {info['effective_batch_size']} (devices x batch x accumulation)"
-            f" -> lr {info['peak_lr']:.3g} (base_lr {self.hparams.base_lr:g} x {info['effective_batch_size']} / 256); "
-            f"{info['warmup_steps']} warmup steps of {info['total_steps']}; mask ratio {self.mask_ratio}"
-        )
-        for logger in self.loggers:
-            logger.log_hyperparams(info)
+    def describe_run(self) -> str:
+        return f"{super().describe_run()}; mask ratio {self.mask_ratio}"
 
 
 def _images(batch: Any) -> torch.Tensor:

@@ -1,26 +1,78 @@
-"""What the trainer's configuration implies for the recipe: effective batch and steps per epoch."""
+"""The run's numbers, computed once for training and for ``vit plan``: effective batch, lr, steps, warmup.
+
+The pure functions take plain numbers, so ``vit plan`` (no Trainer, data possibly unread) and the
+LightningModules (through ``run_schedule``) share one definition of each rule.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 from lightning import Trainer
 
 
-def effective_batch_size(trainer: Trainer) -> int:
+def effective_batch_size(world_size: int, batch_size: int, accumulate: int) -> int:
     """devices × nodes × per-device batch × gradient accumulation."""
-    batch = getattr(trainer.datamodule, "hparams", {}).get("batch_size")
-    if batch is None:
-        batch = trainer.train_dataloader.batch_size if trainer.train_dataloader is not None else 1
-    return int(trainer.world_size * batch * trainer.accumulate_grad_batches)
+    return int(world_size * batch_size * accumulate)
 
 
-def steps_per_epoch(trainer: Trainer) -> int:
-    """Optimizer steps per epoch (call after ``trainer.estimated_stepping_batches``, which sets up the data)."""
+def scaled_lr(base_lr: float, effective_batch: int) -> float:
+    """The linear scaling rule of the MAE / DeiT recipes: lr = base_lr × effective batch / 256."""
+    return base_lr * effective_batch / 256
+
+
+def optimizer_steps_per_epoch(batches_per_epoch: int, accumulate: int) -> int:
+    """Optimizer steps in an epoch of ``batches_per_epoch`` batches (a last partial accumulation still steps)."""
+    return max(1, math.ceil(batches_per_epoch / accumulate))
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int, total_steps: float) -> int:
+    """Warmup in optimizer steps: ``warmup_epochs`` epochs rounded to a step, at most the whole run."""
+    steps = round(warmup_epochs * steps_per_epoch)
+    return int(min(steps, total_steps)) if math.isfinite(total_steps) else int(steps)
+
+
+@dataclass(frozen=True)
+class RunSchedule:
+    """What a recipe's numbers come to for one run; logged as hyperparameters at fit start."""
+
+    effective_batch_size: int
+    peak_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def as_dict(self) -> dict[str, float]:
+        """The fields as a flat dict (for ``logger.log_hyperparams``)."""
+        return asdict(self)
+
+
+def run_schedule(trainer: Trainer, batch_size: int, base_lr: float, lr: float | None,
+                 warmup_epochs: float) -> RunSchedule:
+    """The schedule of a fit about to start; call from ``configure_optimizers`` (it sets up the train loader)."""
+    total = int(trainer.estimated_stepping_batches)  # first: it sets up the train loader
     batches = trainer.num_training_batches
     if not math.isfinite(batches) or batches == 0:
         trainer.fit_loop.setup_data()  # with only max_steps set, the estimate above did not load the data
         batches = trainer.num_training_batches
     if not math.isfinite(batches):
         raise ValueError("warmup in epochs needs a sized training loader; set the warmup in steps instead")
-    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+    accumulate = trainer.accumulate_grad_batches
+    eff = effective_batch_size(trainer.world_size, batch_size, accumulate)
+    per_epoch = optimizer_steps_per_epoch(int(batches), accumulate)
+    return RunSchedule(
+        effective_batch_size=eff,
+        peak_lr=lr if lr is not None else scaled_lr(base_lr, eff),
+        steps_per_epoch=per_epoch,
+        total_steps=total,
+        warmup_steps=warmup_steps(warmup_epochs, per_epoch, total),
+    )
+
+
+def loader_batch_size(trainer: Trainer) -> int:
+    """The per-device batch size of the run: the data module's ``batch_size``, else the train loader's."""
+    batch = getattr(trainer.datamodule, "hparams", {}).get("batch_size")
+    if batch is None:
+        batch = trainer.train_dataloader.batch_size if trainer.train_dataloader is not None else 1
+    return int(batch)

@@ -1,0 +1,219 @@
+"""Reading weights, once: a file, folder or dict becomes one ``Weights`` — our key layout plus the network record.
+
+Every source is read with safetensors or ``torch.load(weights_only=True)`` (pickled code is refused), its
+container is unwrapped (Lightning ``.ckpt``, ``{"model": ...}`` of the official MAE, timm's ``state_dict`` /
+EMA entries, an export folder's ``config.json`` + weights file), its key layout is detected once and converted
+once to ours. The record (``vit.models.NetworkRecord``) comes from the checkpoint or ``config.json``; a plain
+state dict has none, and then the caller says which network it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vit.export.interop import Layout, detect_layout, mae_official_to_vit, timm_to_vit
+from vit.models import RECORD_KEY, NetworkRecord
+from vit.models.record import ARCHITECTURES
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MAE_WEIGHTS_NAME = "checkpoint.pth"
+WEIGHT_FILES = (WEIGHTS_NAME, MAE_WEIGHTS_NAME, "pytorch_model.bin")
+CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint that would run code to unpickle (refused: weights are only ever read as plain data)."""
+
+
+class WeightsMismatchError(ValueError):
+    """Weights whose keys or shapes do not fit the model; the message lists every conflict."""
+
+
+@dataclass
+class Weights:
+    """Weights read from one source: ``state`` in our layout (a ViT's keys, or an MAE's ``encoder.*`` + decoder).
+
+    ``layout`` is the layout the source held (``vit``, ``timm``, ``mae``, ``mae_official``); ``record`` says what
+    built the network when the source recorded it.
+    """
+
+    state: dict[str, torch.Tensor]
+    layout: Layout
+    source: str
+    record: NetworkRecord | None = None
+
+    @property
+    def is_mae(self) -> bool:
+        """Whether ``state`` holds a whole masked autoencoder (encoder under ``encoder.`` plus decoder)."""
+        return any(k.startswith("encoder.") for k in self.state)
+
+
+def read_weights(source: str | Path | dict[str, Any] | Weights) -> Weights:
+    """Read ``source`` (export folder, run folder, ``.ckpt`` / ``.pth`` / ``.bin`` / ``.safetensors`` or a dict)."""
+    if isinstance(source, Weights):
+        return source
+    if isinstance(source, dict):
+        return _from_object(source, "the given state dict", None)
+    path = Path(source)
+    if path.is_dir():
+        config = path / CONFIG_NAME
+        if not config.is_file():
+            path = find_checkpoint(path)
+        else:
+            files = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
+            if not files:
+                raise FileNotFoundError(f"{path} has a {CONFIG_NAME} but none of {list(WEIGHT_FILES)}")
+            path = files[0]
+    record = _record_beside(path)
+    return _from_object(read_checkpoint(path), str(path), record)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The whole object stored at ``path``, read as plain data (safetensors, else ``torch.load(weights_only)``).
+
+    Raises ``FileNotFoundError``, ``UnsafeCheckpointError`` for pickles that would run code, and ``ValueError``
+    for files that are not checkpoints at all.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights at {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        try:  # memory-mapped: a large checkpoint is not read whole to pick out the network
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        detail = _unpickler_detail(e)
+        if "Unsupported global" not in detail and "Unsupported operand" not in detail:
+            raise ValueError(f"{path} is not a PyTorch checkpoint (unpickling failed: {detail})") from e
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds pickled objects that would run code when read "
+            f"(only tensors and plain data are accepted; re-save the weights with safetensors or as a "
+            f"plain state dict). Detail: {detail}"
+        ) from e
+    except (RuntimeError, KeyError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+    return obj
+
+
+def find_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint to take from a training run folder.
+
+    Searched recursively for ``*.ckpt``: the checkpoint ``ModelCheckpoint`` recorded as best (in the newest
+    checkpoint's callback state, when it monitored a metric and the file is still in the folder), else the
+    newest ``last*.ckpt``, else the newest ``*.ckpt``.
+    """
+    run_dir = Path(run_dir)
+    found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: (p.stat().st_mtime, str(p)))
+    if not found:
+        raise FileNotFoundError(f"no *.ckpt under the run directory {run_dir}")
+    newest = ([p for p in found if p.name.startswith("last")] or found)[-1]
+    best = _best_recorded(read_checkpoint(newest), found)
+    log.info("run directory %s: using %s (%s)", run_dir, best or newest, "best recorded" if best else "newest")
+    return best or newest
+
+
+def _best_recorded(ckpt: dict[str, Any], found: list[Path]) -> Path | None:
+    for key, state in (ckpt.get("callbacks") or {}).items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, dict) or not state.get("monitor"):
+            continue
+        best = Path(str(state.get("best_model_path") or ""))
+        matches = [p for p in found if p == best or p.name == best.name]
+        if best.name and matches:
+            return matches[-1]
+    return None
+
+
+def _from_object(obj: dict[str, Any], name: str, record: NetworkRecord | None) -> Weights:
+    """Unwrap the container, take the record it holds, fold a probe head, detect and convert the layout."""
+    if isinstance(obj.get(RECORD_KEY), dict):
+        record = NetworkRecord.from_dict(obj[RECORD_KEY], f"{name} ({RECORD_KEY})")
+    state = _unwrap(obj, name)
+    if record is not None and record.head.get("kind") == "batchnorm_linear":
+        state = fold_batchnorm_head(state, float(record.head["eps"]))
+    layout = detect_layout(state)
+    if layout == "timm":
+        state = timm_to_vit(state)
+    elif layout == "mae_official":
+        state = mae_official_to_vit(state)
+    return Weights(state=state, layout=layout, source=name, record=record)
+
+
+def fold_batchnorm_head(state: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
+    """A linear probe's ``head.0`` (BatchNorm without affine, this ``eps``) folded into ``head.1``: a plain ``head``.
+
+    Exact in eval mode: W' = W / sqrt(var + eps), b' = b - W' · mean.
+    """
+    if "head.0.running_var" not in state or "head.1.weight" not in state:
+        return state
+    mean, var = state["head.0.running_mean"], state["head.0.running_var"]
+    weight = state["head.1.weight"] * (var + eps).rsqrt()
+    bias = state["head.1.bias"] - weight @ mean
+    out = {k: v for k, v in state.items() if not k.startswith(("head.0.", "head.1."))}
+    return {**out, "head.weight": weight, "head.bias": bias}
+
+
+def _unwrap(obj: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    if "pytorch-lightning_version" in obj and isinstance(obj.get("state_dict"), dict):
+        # our LightningModules hold the network as ``self.model``
+        state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        if not state:
+            prefixes = sorted({k.split(".")[0] for k in obj["state_dict"]})
+            raise WeightsMismatchError(f"{name} is a Lightning checkpoint without a network under 'model.' "
+                                       f"(state_dict prefixes: {', '.join(prefixes[:8])})")
+        return state
+    for key in CONTAINER_KEYS:
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise WeightsMismatchError(f"{name} is not a state dict: entries {bad[:5]} are not tensors")
+    return obj
+
+
+def _record_beside(path: Path) -> NetworkRecord | None:
+    """The record in the ``config.json`` next to a weights file of an export folder, if there is one of ours."""
+    config = path.with_name(CONFIG_NAME)
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config} is not readable JSON: {e}") from e
+    if isinstance(data, dict) and isinstance(data.get("vitkit"), dict):
+        data = data["vitkit"]  # a hub folder keeps our record under its own key
+    if not isinstance(data, dict) or data.get("architecture") not in ARCHITECTURES:
+        return None  # another library's config.json (a timm or Hugging Face folder)
+    return NetworkRecord.from_dict(data, str(config))
+
+
+def _unpickler_detail(e: Exception) -> str:
+    text = str(e)
+    start = max(text.find("WeightsUnpickler error:"), 0)
+    detail = " ".join(text[start:].split()).split(" Check the documentation")[0].split(" Please use")[0]
+    return detail if len(detail) <= 300 else detail[:297] + "..."
