@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -13,12 +12,11 @@ import timm
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from PIL import Image
-from safetensors.torch import save_file
 
 from vit.cli import VitCLI
 from vit.data import ImageDataModule
-from vit.export import WeightsMismatchError, read_state_dict, vit_to_mae_official
-from vit.models import MaskedAutoencoder
+from vit.export import WeightsMismatchError, export_model, read_weights, vit_to_mae_official
+from vit.models import RECORD_KEY, MaskedAutoencoder
 from vit.train import ImageClassifier, MAEPretrainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +84,9 @@ def test_layer_decay_gives_head_full_rate_and_patch_embed_the_smallest(folder: P
     clf = _classifier(layer_decay=0.5, lr=1e-3)
     trainer = _trainer(tmp_path, steps=1)
     trainer.fit(clf, _datamodule(folder))
-    initial = {id(p): g["initial_lr"] for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    # timm's scheduler keeps the base lr per group and applies each group's lr_scale when it sets the lr
+    initial = {id(p): g["initial_lr"] * g.get("lr_scale", 1.0) for g in trainer.optimizers[0].param_groups
+               for p in g["params"]}
     lr_of = {n: initial[id(p)] for n, p in clf.model.named_parameters()}
     assert lr_of["head.weight"] == pytest.approx(1e-3)
     assert lr_of["patch_embed.proj.weight"] == pytest.approx(min(lr_of.values()))
@@ -95,14 +95,23 @@ def test_layer_decay_gives_head_full_rate_and_patch_embed_the_smallest(folder: P
     assert lr_of["blocks.1.mlp.fc1.weight"] == pytest.approx(1e-3 * 0.5)
 
 
-def test_mixup_cutmix_targets_sum_to_one() -> None:
+def test_training_step_trains_on_the_mixed_batch_and_soft_targets() -> None:
     clf = _classifier(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    clf.log = lambda *a, **k: None  # no trainer attached
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % len(CLASSES)
-    for _ in range(4):  # mixup or cutmix, chosen per batch
-        mixed, soft = clf.mixup_fn(x.clone(), y)
-        assert soft.shape == (8, len(CLASSES))
-        torch.testing.assert_close(soft.sum(dim=1), torch.ones(8))
-        assert (soft >= 0).all() and not torch.equal(mixed, x)
+    state = (torch.random.get_rng_state(), np.random.get_state())
+    loss = clf.training_step((x.clone(), y), 0)
+    torch.random.set_rng_state(state[0])
+    np.random.set_state(state[1])  # timm's Mixup draws lambda and the cut box from numpy
+    mixed, soft = clf.mixup_fn(x.clone(), y)
+    assert soft.max() < 1.0  # smoothed and mixed targets, not one-hot
+    expected = torch.sum(-soft * torch.log_softmax(clf.model(mixed), dim=-1), dim=-1).mean()
+    torch.testing.assert_close(loss, expected)
+    plain = _classifier(mixup=0.0, cutmix=0.0, label_smoothing=0.1)
+    plain.log = clf.log
+    plain.model.load_state_dict(clf.model.state_dict())
+    torch.testing.assert_close(plain.training_step((x, y), 0),
+                               torch.nn.functional.cross_entropy(clf.model(x), y, label_smoothing=0.1))
 
 
 def test_mixup_needs_an_even_batch() -> None:
@@ -113,7 +122,8 @@ def test_mixup_needs_an_even_batch() -> None:
 
 # ----------------------------------------------------------------------------------------------- init_from
 def _mae_encoder(mae_ckpt: Path) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("encoder."): v for k, v in read_state_dict(mae_ckpt).items() if k.startswith("encoder.")}
+    state = read_weights(mae_ckpt).state
+    return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
 
 
 def _source(kind: str, mae_ckpt: Path, tmp_path: Path, num_classes: int = 10) -> tuple[Path, dict]:
@@ -122,11 +132,9 @@ def _source(kind: str, mae_ckpt: Path, tmp_path: Path, num_classes: int = 10) ->
         return mae_ckpt, _mae_encoder(mae_ckpt)
     if kind == "export_dir":
         mae = MaskedAutoencoder(**TINY_MAE)
-        mae.load_state_dict(read_state_dict(mae_ckpt))
-        enc = mae.encoder
-        save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(tmp_path / "model.safetensors"))
-        (tmp_path / "config.json").write_text(json.dumps({"model_args": enc.model_args}))
-        return tmp_path, enc.state_dict()
+        mae.load_state_dict(read_weights(mae_ckpt).state)
+        export_model(mae, "safetensors", tmp_path / "export")
+        return tmp_path / "export", mae.encoder.state_dict()
     if kind == "timm":
         ref = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=num_classes, **TINY)
         torch.save(ref.state_dict(), tmp_path / "timm.pth")
@@ -152,7 +160,7 @@ def test_init_from_each_source(kind: str, mae_ckpt: Path, tmp_path: Path, lightn
     assert clf.model.head.weight.abs().max() < 1e-3 and not clf.model.head.bias.any()
     assert "init_from" in lightning_log.text and "head" in lightning_log.text
     if kind == "timm":
-        assert "re-initialising the head" in lightning_log.text and "has 10 classes" in lightning_log.text
+        assert "re-initialised the head" in lightning_log.text and "has 10 classes" in lightning_log.text
 
 
 def test_init_from_keeps_a_head_of_the_same_class_count(mae_ckpt: Path, tmp_path: Path) -> None:
@@ -174,6 +182,35 @@ def test_init_from_resamples_positions_for_another_image_size(mae_ckpt: Path) ->
     (dict(depth=3), r"blocks\.2\."),
     (dict(embed_dim=32), r"shape conflicts.*patch_embed\.proj\.weight"),
 ])
+@pytest.fixture(scope="module")
+def wide_ckpt(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step MAE pretraining run at 32x48 (an 8x12 patch grid): not square."""
+    out = tmp_path_factory.mktemp("wide")
+    mae = MAEPretrainer("mae_vit_tiny_patch16", {k: v for k, v in TINY_MAE.items() if k != "img_size"},
+                        img_size=(32, 48), warmup_epochs=0)
+    trainer = _trainer(out, limit_val_batches=0)
+    trainer.fit(mae, ImageDataModule(root=str(folder), img_size=(32, 48), batch_size=8, task="pretrain"))
+    trainer.save_checkpoint(out / "wide.ckpt")
+    return out / "wide.ckpt"
+
+
+@pytest.mark.parametrize("img_size", [(32, 48), (48, 64)])
+def test_init_from_a_non_square_checkpoint(wide_ckpt: Path, img_size: tuple[int, int]) -> None:
+    record = torch.load(wide_ckpt, weights_only=True)[RECORD_KEY]
+    assert record["img_size"] == [32, 48] and record["patch_size"] == [4, 4]
+    clf = _classifier(init_from=str(wide_ckpt), img_size=img_size)
+    clf.configure_model()
+    source = _mae_encoder(wide_ckpt)["pos_embed"]
+    grid = (img_size[0] // 4, img_size[1] // 4)
+    assert clf.model.pos_embed.shape == (1, 1 + grid[0] * grid[1], 64)
+    if img_size == (32, 48):
+        torch.testing.assert_close(clf.model.pos_embed, source, rtol=0, atol=0)
+    else:  # resampled from the recorded 8x12 grid (a square guess could not even start: 96 is no square)
+        from vit.layers import resample_pos_embed
+
+        torch.testing.assert_close(clf.model.pos_embed, resample_pos_embed(source, grid, (8, 12), 1))
+
+
 def test_init_from_wrong_architecture_names_file_and_keys(mae_ckpt: Path, override: dict, match: str) -> None:
     clf = _classifier(init_from=str(mae_ckpt), model_kwargs={**TINY_KW, **override})
     with pytest.raises(WeightsMismatchError, match=match) as err:
@@ -196,7 +233,8 @@ def test_probe_leaves_backbone_bit_identical(mode: str, trained: tuple, folder: 
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(trained))
     trainable = {n for n, p in clf.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(trained) for n in trainable)
-    assert clf.run_info["trainable_params"] == sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    optimised = [p for g in _trainer_optimizer(clf).param_groups for p in g["params"]]
+    assert sum(p.numel() for p in optimised) == sum(p.numel() for p in clf.parameters() if p.requires_grad)
     clf.train()
     assert not clf.model.blocks.training and clf.model.head.training  # drop path off in the frozen backbone
     if mode == "linear_probe":
@@ -218,7 +256,7 @@ def test_ema_checkpoint_holds_the_ema_weights(folder: Path, tmp_path: Path) -> N
     assert all(torch.equal(ckpt["state_dict"][k], average[k]) for k in keys)
     assert any(not torch.equal(ckpt["state_dict"][k], current[k]) for k in keys)
     # what export / load_weights read from the checkpoint is the EMA network, and so is the model after fit
-    ema_net = read_state_dict(saved)
+    ema_net = read_weights(saved).state
     assert all(torch.equal(ema_net[k.removeprefix("model.")], average[k]) for k in keys)
     assert all(torch.equal(clf.state_dict()[k], average[k]) for k in keys)
 
@@ -277,6 +315,10 @@ def test_cli_finetune_recipe_fit_validate_test(tmp_path: Path, monkeypatch: pyte
         assert f"per-class accuracy ({key}, 32 images)" in lightning_log.text  # ours
         assert "model.init_from (runs/mae_tiny_digits/checkpoints/last.ckpt) is not read" in lightning_log.text
         assert list(tmp_path.glob(f"runs/finetune_tiny_digits/**/confusion/{key}.png"))
+
+
+def _trainer_optimizer(clf: ImageClassifier) -> torch.optim.Optimizer:
+    return clf.trainer.optimizers[0]
 
 
 def _cli(*args: str) -> None:

@@ -62,9 +62,27 @@ def test_forward_api(tiny_args: dict, global_pool: str, reg_tokens: int) -> None
     x = torch.randn(3, 3, 32, 32)
     tokens = model.forward_features(x)
     assert tokens.shape == (3, 1 + reg_tokens + 64, 64)
-    assert model.forward_head(tokens, pre_logits=True).shape == (3, 64)
-    torch.testing.assert_close(model(x), model.forward_head(tokens))
+    patches = tokens[:, 1 + reg_tokens:]  # what avg / MAP pooling see by default (timm: prefix tokens skipped)
+    pooled = {"token": lambda: tokens[:, 0], "avg": lambda: model.fc_norm(patches.mean(dim=1)),
+              "map": lambda: model.attn_pool(patches)}[global_pool]()
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), pooled)
+    torch.testing.assert_close(model(x), model.head(pooled))
     assert model(x).shape == (3, 10)
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "map"])
+def test_pool_include_prefix(tiny_args: dict, global_pool: str) -> None:
+    args = dict(tiny_args, num_classes=0, global_pool=global_pool, reg_tokens=2)
+    skip, include = VisionTransformer(**args).eval(), VisionTransformer(**args, pool_include_prefix=True).eval()
+    include.load_state_dict(skip.state_dict())
+    tokens = skip.forward_features(torch.randn(2, 3, 32, 32))
+    if global_pool == "avg":
+        torch.testing.assert_close(include.pool(tokens), tokens.mean(dim=1))  # class + registers + patches
+        torch.testing.assert_close(skip.pool(tokens), tokens[:, 3:].mean(dim=1))
+    else:
+        assert include.attn_pool.attention_weights(tokens).shape[-1] == 3 + 64
+        torch.testing.assert_close(include.pool(tokens), include.attn_pool(tokens))
+    assert (include.pool(tokens) - skip.pool(tokens)).abs().max() > 1e-4
 
 
 def test_fc_norm_follows_timm(tiny_args: dict) -> None:

@@ -1,4 +1,4 @@
-"""Training recipe pieces: decay groups, lr scaling, warmup + cosine, and the MAE LightningModule."""
+"""Training recipe pieces: decay groups, lr scaling, warmup + cosine, and the MAE LightningModule's checkpoints."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import lightning as L
 import pytest
 import torch
 
-from vit.models import MaskedAutoencoder
+from vit.models import RECORD_KEY, MaskedAutoencoder
 from vit.train import MAEPretrainer
-from vit.train.optim import build_adamw, param_groups, scaled_lr, warmup_cosine
+from vit.train.optim import build_optimizer, build_scheduler
+from vit.train.schedule import scaled_lr
 
 TINY_KWARGS = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                    decoder_num_heads=2)
@@ -19,7 +20,7 @@ TINY_KWARGS = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, decoder_emb
 def test_no_decay_on_norms_biases_tokens_positions(tiny_mae_args: dict) -> None:
     mae = MaskedAutoencoder(**tiny_mae_args)
     names = {id(p): n for n, p in mae.named_parameters()}
-    groups = param_groups(mae, weight_decay=0.05)
+    groups = build_optimizer(mae, "adamw", lr=1e-3, weight_decay=0.05).param_groups
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] > 0.0 for p in g["params"]}
     assert {"encoder.cls_token", "mask_token", "encoder.norm.weight", "encoder.blocks.0.attn.qkv.bias"} <= no_decay
@@ -34,17 +35,26 @@ def test_scaled_lr_is_the_linear_rule() -> None:
 
 
 def test_warmup_then_cosine() -> None:
-    opt = build_adamw([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}], lr=1.0)
-    sched = warmup_cosine(opt, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    opt = build_optimizer(torch.nn.Linear(2, 2), "adamw", lr=1.0, weight_decay=0.0)
+    for g in opt.param_groups:
+        g["lr_scale"] = 0.5
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     lrs = []
-    for _ in range(14):
+    for step in range(14):  # as Lightning drives it: the lr of step t is set from the update count t
+        sched.step_update(num_updates=step)
         lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs[:4] == pytest.approx([0.125, 0.25, 0.375, 0.5])  # linear warmup to lr x lr_scale
-    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))  # then monotone down
-    last = 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))  # step 13: 90% through the cosine
-    assert lrs[-1] == pytest.approx(last) and lrs[-1] > 0.05  # towards min_lr_ratio x peak
+    assert lrs[:5] == pytest.approx([0.0, 0.125, 0.25, 0.375, 0.5])  # linear from 0 (the MAE reference's shape)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))  # then monotone down
+    last = 0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))  # step 13: 9 of 10 cosine steps
+    assert lrs[-1] == pytest.approx(last) and lrs[-1] > 0.05  # towards min_lr_ratio x peak, times lr_scale
+
+
+def test_sgd_is_plain_momentum_and_skips_frozen_parameters() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    net[0].requires_grad_(False)
+    opt = build_optimizer(net, "sgd", lr=0.1, weight_decay=0.0, momentum=0.8)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.8 and not opt.defaults["nesterov"]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in net[1].parameters()}
 
 
 def test_pretrainer_validates_and_builds() -> None:
@@ -72,17 +82,52 @@ def test_pretrainer_trains_with_accumulation(tmp_path) -> None:
                         enable_progress_bar=False, default_root_dir=tmp_path, limit_val_batches=0)
     before = module.model.decoder_pred.weight.detach().clone()
     trainer.fit(module, loader)
-    info = module.run_info
-    assert info["effective_batch_size"] == 16 and info["peak_lr"] == pytest.approx(0.01 * 16 / 256)
-    assert info["total_steps"] == 4 and info["warmup_steps"] == 2
+    info = module.schedule
+    assert info.effective_batch_size == 16 and info.peak_lr == pytest.approx(0.01 * 16 / 256)
+    assert info.total_steps == 4 and info.warmup_steps == 2 and info.steps_per_epoch == 2
     assert not torch.equal(before, module.model.decoder_pred.weight)
 
 
-def test_pretrainer_with_max_steps_only(tmp_path) -> None:
-    """Warmup in epochs still resolves when the trainer is limited by steps alone."""
+def test_pretrainer_with_max_steps_only(tmp_path, recwarn) -> None:
+    """Warmup in epochs still resolves when the trainer is limited by steps alone; a too-long warmup is said."""
     module = MAEPretrainer(model="mae_vit_tiny_patch16", model_kwargs=TINY_KWARGS, img_size=32, warmup_epochs=1)
     trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         default_root_dir=tmp_path, limit_val_batches=0)
     trainer.fit(module, torch.utils.data.DataLoader(_Images(), batch_size=8))
-    assert module.run_info["total_steps"] == 3 and module.run_info["warmup_steps"] == 4
+    assert module.schedule.total_steps == 3 and module.schedule.warmup_steps == 3  # 4 asked, capped at the run
+    assert any("4 warmup steps" in str(w.message) and "only 3" in str(w.message) for w in recwarn)
     assert trainer.global_step == 3
+
+
+def _fit_and_save(module: MAEPretrainer, path) -> dict:
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=path.parent, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader(_Images(), batch_size=8))
+    trainer.save_checkpoint(path)
+    return torch.load(path, weights_only=True)
+
+
+def test_checkpoint_holds_each_tensor_once_and_records_the_network(tmp_path) -> None:
+    module = MAEPretrainer(model="mae_vit_tiny_patch16", model_kwargs=TINY_KWARGS, img_size=32, warmup_epochs=0)
+    ckpt = _fit_and_save(module, tmp_path / "mae.ckpt")
+    assert sorted(ckpt["state_dict"]) == sorted(f"model.{k}" for k in module.model.state_dict())
+    record = ckpt[RECORD_KEY]
+    assert record["architecture"] == "MaskedAutoencoder" and record["name"] == "mae_vit_tiny_patch16"
+    assert record["model_args"] == module.model.model_args  # the full constructor arguments
+    assert record["encoder_args"]["embed_dim"] == 32 and record["img_size"] == [32, 32]
+
+
+def test_a_compiled_run_loads_into_an_uncompiled_config(tmp_path, monkeypatch) -> None:
+    real = torch.compile
+    # dynamo really traces the MAE; the eager backend skips inductor's code generation (seconds, not a minute)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager"))
+    compiled = MAEPretrainer(model="mae_vit_tiny_patch16", model_kwargs=TINY_KWARGS, img_size=32, warmup_epochs=0,
+                             compile=True)
+    ckpt = _fit_and_save(compiled, tmp_path / "compiled.ckpt")
+    assert not any("_orig_mod" in k or "_forward" in k for k in ckpt["state_dict"])
+    plain = MAEPretrainer(model="mae_vit_tiny_patch16", model_kwargs=TINY_KWARGS, img_size=32, warmup_epochs=0)
+    plain.load_state_dict(ckpt["state_dict"], strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, noise=noise)[0], compiled(x, noise=noise)[0])

@@ -2,8 +2,7 @@
 
 from vit.export.load import load_backbone, load_weights
 from vit.models import MaskedAutoencoder, VisionTransformer, create_model, list_models
-
-__version__ = "0.1.0"
+from vit.version import __version__
 
 __all__ = [
     "MaskedAutoencoder",

@@ -9,6 +9,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vit.layers import to_2tuple
 from vit.models import NetworkRecord, VisionTransformer, list_models, model_config
+from vit.version import __version__
 
 CONFIG_FORMAT_VERSION = 1
 # Arguments that make a named size (timm's name is only "exact" when these match the registered ones).
@@ -17,10 +18,8 @@ _STRUCTURAL = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
 def export_config(record: NetworkRecord, fmt: str, source: str | None = None, **extra: Any) -> dict[str, Any]:
     """The ``config.json`` of an export: the network record plus the format, its files and where it came from."""
-    import vit
-
     return {"format_version": CONFIG_FORMAT_VERSION, "format": fmt, **record.to_dict(),
-            "vitkit_version": vit.__version__, "source": source, **extra}
+            "vitkit_version": __version__, "source": source, **extra}
 
 
 def normalisation(record: NetworkRecord) -> tuple[list[float], list[float], bool]:

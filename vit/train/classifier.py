@@ -139,7 +139,7 @@ class ImageClassifier(VitModule):
     # ----------------------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
         """Build the network for the datamodule's classes when needed, then load ``init_from`` (once)."""
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        dm = self.attached_datamodule()
         if self.model is None:
             n = getattr(dm, "num_classes", None)
             if n is None:

@@ -15,7 +15,7 @@ from timm.scheduler.scheduler import Scheduler
 
 from vit.models import RECORD_KEY, NetworkRecord
 from vit.train.optim import OptimizerName, build_optimizer, build_scheduler
-from vit.train.schedule import RunSchedule, loader_batch_size, run_schedule
+from vit.train.schedule import RunSchedule, run_schedule
 
 
 class VitModule(LightningModule):
@@ -27,9 +27,16 @@ class VitModule(LightningModule):
         """(optimizer name, layer decay or None) for this run."""
         return "adamw", None
 
+    def attached_datamodule(self) -> Any:
+        """The trainer's data module, or None when no trainer (or no data module) is attached."""
+        try:
+            return self.trainer.datamodule
+        except RuntimeError:  # Lightning's answer when no trainer is attached
+            return None
+
     def network_record(self) -> NetworkRecord:
         """The record of ``self.model`` with the data's preprocessing and the class names."""
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        dm = self.attached_datamodule()
         return NetworkRecord.from_model(self.model, name=self.hparams.get("model"),
                                         preprocessing=getattr(dm, "preprocessing", None),
                                         class_names=getattr(self, "class_names", None))
@@ -39,8 +46,7 @@ class VitModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        self.schedule = run_schedule(self.trainer, loader_batch_size(self.trainer), hp.base_lr, hp.lr,
-                                     hp.warmup_epochs)
+        self.schedule = run_schedule(self.trainer, hp.base_lr, hp.lr, hp.warmup_epochs)
         name, layer_decay = self.optimizer_choice()
         optimizer = build_optimizer(self.model, name, self.schedule.peak_lr, hp.weight_decay, layer_decay,
                                     betas=hp.get("betas", (0.9, 0.999)), momentum=hp.get("momentum", 0.9))

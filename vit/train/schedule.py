@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from lightning import Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def effective_batch_size(world_size: int, batch_size: int, accumulate: int) -> int:
@@ -48,8 +49,7 @@ class RunSchedule:
         return asdict(self)
 
 
-def run_schedule(trainer: Trainer, batch_size: int, base_lr: float, lr: float | None,
-                 warmup_epochs: float) -> RunSchedule:
+def run_schedule(trainer: Trainer, base_lr: float, lr: float | None, warmup_epochs: float) -> RunSchedule:
     """The schedule of a fit about to start; call from ``configure_optimizers`` (it sets up the train loader)."""
     total = int(trainer.estimated_stepping_batches)  # first: it sets up the train loader
     batches = trainer.num_training_batches
@@ -59,8 +59,12 @@ def run_schedule(trainer: Trainer, batch_size: int, base_lr: float, lr: float | 
     if not math.isfinite(batches):
         raise ValueError("warmup in epochs needs a sized training loader; set the warmup in steps instead")
     accumulate = trainer.accumulate_grad_batches
-    eff = effective_batch_size(trainer.world_size, batch_size, accumulate)
+    eff = effective_batch_size(trainer.world_size, loader_batch_size(trainer), accumulate)
     per_epoch = optimizer_steps_per_epoch(int(batches), accumulate)
+    asked = round(warmup_epochs * per_epoch)
+    if asked > total:
+        rank_zero_warn(f"warmup_epochs {warmup_epochs:g} is {asked} warmup steps, but the run has only {total} "
+                       f"optimizer steps: the lr never reaches its peak (lower warmup_epochs or train longer)")
     return RunSchedule(
         effective_batch_size=eff,
         peak_lr=lr if lr is not None else scaled_lr(base_lr, eff),
