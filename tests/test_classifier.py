@@ -96,7 +96,7 @@ def test_layer_decay_gives_head_full_rate_and_patch_embed_the_smallest(folder: P
 
 
 def test_training_step_trains_on_the_mixed_batch_and_soft_targets() -> None:
-    clf = _classifier(mixup=0.8, cutmix=1.0, label_smoothing=0.1)
+    clf = _classifier(mixup=0.8, cutmix=1.0, label_smoothing=0.1, drop_path_rate=0.0)  # no RNG in the forward
     clf.log = lambda *a, **k: None  # no trainer attached
     x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % len(CLASSES)
     state = (torch.random.get_rng_state(), np.random.get_state())
@@ -107,7 +107,7 @@ def test_training_step_trains_on_the_mixed_batch_and_soft_targets() -> None:
     assert soft.max() < 1.0  # smoothed and mixed targets, not one-hot
     expected = torch.sum(-soft * torch.log_softmax(clf.model(mixed), dim=-1), dim=-1).mean()
     torch.testing.assert_close(loss, expected)
-    plain = _classifier(mixup=0.0, cutmix=0.0, label_smoothing=0.1)
+    plain = _classifier(mixup=0.0, cutmix=0.0, label_smoothing=0.1, drop_path_rate=0.0)
     plain.log = clf.log
     plain.model.load_state_dict(clf.model.state_dict())
     torch.testing.assert_close(plain.training_step((x, y), 0),
@@ -178,10 +178,6 @@ def test_init_from_resamples_positions_for_another_image_size(mae_ckpt: Path) ->
     assert clf.model.pos_embed.requires_grad  # MAE's fixed sin-cos positions become trainable, as in its fine-tune
 
 
-@pytest.mark.parametrize(("override", "match"), [
-    (dict(depth=3), r"blocks\.2\."),
-    (dict(embed_dim=32), r"shape conflicts.*patch_embed\.proj\.weight"),
-])
 @pytest.fixture(scope="module")
 def wide_ckpt(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-step MAE pretraining run at 32x48 (an 8x12 patch grid): not square."""
@@ -211,6 +207,10 @@ def test_init_from_a_non_square_checkpoint(wide_ckpt: Path, img_size: tuple[int,
         torch.testing.assert_close(clf.model.pos_embed, resample_pos_embed(source, grid, (8, 12), 1))
 
 
+@pytest.mark.parametrize(("override", "match"), [
+    (dict(depth=3), r"blocks\.2\."),
+    (dict(embed_dim=32), r"shape conflicts.*patch_embed\.proj\.weight"),
+])
 def test_init_from_wrong_architecture_names_file_and_keys(mae_ckpt: Path, override: dict, match: str) -> None:
     clf = _classifier(init_from=str(mae_ckpt), model_kwargs={**TINY_KW, **override})
     with pytest.raises(WeightsMismatchError, match=match) as err:

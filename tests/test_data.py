@@ -5,17 +5,22 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import get_args
 
 import albumentations as A
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION_EXTENSIONS
 
 from vit.data import (
+    IMG_EXTENSIONS,
     TRAIN_PRESETS,
     BadImageError,
     EpochSeededSampler,
@@ -31,6 +36,8 @@ from vit.data import (
     scan,
     stratified_split,
 )
+from vit.data.builtin import MANIFEST
+from vit.data.transforms import TrainPreset
 
 # torchdata 0.11 calls torch.set_vital, deprecated in this torch; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")
@@ -95,6 +102,11 @@ def test_eval_transform_center_crop_is_normalised() -> None:
 def test_unknown_preset_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="light"):
         build_train_transform(16, preset="strongest")
+
+
+def test_preset_literal_lists_every_preset() -> None:
+    # the Literal is what the CLI offers and checks; it must name exactly the presets there are
+    assert set(get_args(TrainPreset)) == set(TRAIN_PRESETS)
 
 
 def test_seeded_transform_is_deterministic() -> None:
@@ -237,6 +249,14 @@ def test_dataset_items_and_ignored_files(tmp_path) -> None:
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32 and y == 1
 
 
+def test_extensions_extend_torchvision(tmp_path) -> None:
+    assert IMG_EXTENSIONS[: len(TORCHVISION_EXTENSIONS)] == TORCHVISION_EXTENSIONS
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    Image.fromarray(_rgb(4, 4)).save(tmp_path / "d" / "a" / "x.gif")  # beyond torchvision's list
+    Image.fromarray(_rgb(4, 4)).convert("1").save(tmp_path / "d" / "a" / "y.pbm")
+    assert [p.name for p, _ in ImageFolderDataset(tmp_path / "d").samples] == ["x.gif", "y.pbm"]
+
+
 def test_unicode_and_spaces_in_names(tmp_path) -> None:
     folder = tmp_path / "data" / "chat noir é"
     folder.mkdir(parents=True)
@@ -311,9 +331,32 @@ def test_stratified_split() -> None:
     labels = [0] * 10 + [1] * 5 + [2]
     train, val = stratified_split(labels, 0.2, seed=0)
     assert sorted(train + val) == list(range(16))
+    assert train == sorted(train) and val == sorted(val)
     assert [labels[i] for i in val].count(0) == 2 and [labels[i] for i in val].count(1) == 1
     assert 15 in train  # a class with one image keeps it for training
     assert stratified_split(labels, 0.2, seed=0) == (train, val)
+    assert stratified_split(labels, 0.0) == (list(range(16)), [])
+
+
+def test_stratified_split_depends_on_the_seed() -> None:
+    labels = [i % 3 for i in range(60)]
+    splits = {tuple(stratified_split(labels, 0.25, seed=s)[1]) for s in range(4)}
+    assert len(splits) == 4
+    assert all([labels[i] for i in val].count(c) == 5 for val in splits for c in range(3))
+
+
+@pytest.mark.parametrize(
+    "labels, fraction, match",
+    [
+        ([0] * 2 + [1] * 20 + [2] * 20, 0.9, r"val_fraction=0\.9 leaves class\(es\) \[0\] without a training"),
+        ([0] * 3 + [1] * 3, 0.1, r"val_fraction=0\.1 of 6 samples in 2 classes"),  # 1 val image for 2 classes
+        ([0, 1], 1.0, r"val_fraction must be in \[0, 1\)"),
+    ],
+    ids=["class_left_without_train", "too_few_val", "fraction"],
+)
+def test_stratified_split_errors_name_the_problem(labels, fraction, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        stratified_split(labels, fraction)
 
 
 def test_sampler_is_a_function_of_seed_and_epoch() -> None:
@@ -355,6 +398,7 @@ def test_digits_materialised_once(digits8) -> None:
     assert len(files) == manifest["num_images"] == 1797
     assert sorted(p.name for p in (digits8 / "train").iterdir()) == [str(i) for i in range(10)]
     assert sum(sum(c.values()) for c in manifest["counts"].values()) == 1797
+    assert [sum(manifest["counts"][split].values()) for split in ("train", "val")] == [1437, 360]
     assert read_rgb(files[0]).shape == (8, 8, 3)
     mtimes = [os.stat(p).st_mtime_ns for p in (digits8 / "manifest.json", files[0])]
     assert prepare_digits(8, digits8.parent) == digits8
@@ -373,6 +417,14 @@ def test_digits_concurrent_writers_and_leftovers(tmp_path) -> None:
     assert results == [tmp_path / "digits-8"] * 2
     assert len(list((tmp_path / "digits-8").rglob("*.png"))) == 1797
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits-8"]  # no temporary folders left
+
+
+def test_digits_tree_of_an_older_format_is_rewritten(tmp_path) -> None:
+    (tmp_path / "digits-8" / "train" / "0").mkdir(parents=True)
+    (tmp_path / "digits-8" / MANIFEST).write_text(json.dumps({"version": 1, "img_size": [8, 8]}))
+    root = prepare_digits(8, tmp_path)
+    assert json.loads((root / MANIFEST).read_text())["version"] > 1
+    assert len(list(root.rglob("*.png"))) == 1797
 
 
 # --- ImageDataModule --------------------------------------------------------------------------------------
@@ -430,15 +482,13 @@ def test_datamodule_scan_lists_every_bad_file(tmp_path) -> None:
         ("batch_size", 0),
         ("num_workers", -1),
         ("img_size", 0),
+        ("img_size", (8, 0)),
         ("img_size", (8, 8, 8)),
+        ("train_dir", ".."),
         ("val_split", 1.0),
         ("val_split", -0.1),
-        ("task", "detect"),
-        ("aug", "heavy"),
-        ("mean", (0.5, 0.5)),
         ("std", (0.5, 0.0, 0.5)),
         ("seed", -1),
-        ("on_bad_image", "ignore"),
         ("crop_pct", 0.0),
         ("root", "/does/not/exist"),
         ("predict_paths", ["/does/not/exist.png"]),
@@ -447,6 +497,40 @@ def test_datamodule_scan_lists_every_bad_file(tmp_path) -> None:
 def test_datamodule_invalid_args_name_the_field(field, value) -> None:
     with pytest.raises(ValueError, match=field):
         ImageDataModule(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("img_size", "[8, 8, 8]"),
+        ("task", "detect"),
+        ("aug", "heavy"),
+        ("mean", "[0.5, 0.5]"),
+        ("on_bad_image", "ignore"),
+        ("drop_last", "maybe"),
+    ],
+)
+def test_cli_types_reject_invalid_args_naming_the_field(field, value) -> None:
+    # Types and choices are the constructor's hints; jsonargparse (under LightningCLI) enforces them.
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(ImageDataModule, "data")
+    assert parser.parse_args([]).data.aug == "light"
+    with pytest.raises(ArgumentError, match=f"data\\.{field}"):
+        parser.parse_args([f"--data.{field}={value}"])
+
+
+def test_datamodule_preprocessing_records_what_the_model_expects() -> None:
+    dm = ImageDataModule(img_size=[8, 12], crop_pct=0.9)
+    assert dm.preprocessing == {
+        "img_size": [8, 12],
+        "mean": list(IMAGENET_DEFAULT_MEAN),
+        "std": list(IMAGENET_DEFAULT_STD),
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+    }
+    own = ImageDataModule(img_size=16, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1)).preprocessing
+    assert own["img_size"] == [16, 16] and own["mean"] == [0.5, 0.4, 0.3] and own["std"] == [0.2, 0.2, 0.1]
+    assert json.loads(json.dumps(own)) == own  # plain values, as a checkpoint stores them
 
 
 def test_datamodule_batch_larger_than_data_fails_early(tmp_path) -> None:

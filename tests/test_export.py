@@ -81,7 +81,7 @@ def _lightning_ckpt(path: Path, net: torch.nn.Module, record: dict | None) -> No
     ckpt = {"pytorch-lightning_version": "2.6.6", "hyper_parameters": {"model": "anything"},
             "state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}
     if record is not None:
-        ckpt[RECORD_KEY] = record
+        ckpt[RECORD_KEY] = {**record, "state_prefix": "model."}
     torch.save(ckpt, path)
 
 

@@ -15,20 +15,16 @@ from vit.data.datasets import (
 from vit.data.sampler import EpochSeededSampler
 from vit.data.split import stratified_split
 from vit.data.transforms import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     TRAIN_PRESETS,
+    TrainPreset,
     apply_transform,
     build_eval_transform,
     build_pretrain_transform,
     build_train_transform,
-    to_hw,
 )
 
 __all__ = [
     "DIGITS_CLASSES",
-    "IMAGENET_DEFAULT_MEAN",
-    "IMAGENET_DEFAULT_STD",
     "IMG_EXTENSIONS",
     "TRAIN_PRESETS",
     "BadImageError",
@@ -36,6 +32,7 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataset",
     "PredictDataset",
+    "TrainPreset",
     "apply_transform",
     "build_eval_transform",
     "build_pretrain_transform",
@@ -47,5 +44,4 @@ __all__ = [
     "read_rgb",
     "scan",
     "stratified_split",
-    "to_hw",
 ]

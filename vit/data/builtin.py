@@ -4,7 +4,7 @@ Layout: `<cache>/digits-<size>/{train,val}/<0..9>/<NNNN>.png` plus `manifest.jso
 image's index in `load_digits()` and <cache> is `cache_dir`, else `$VIT_CACHE_DIR`, else `~/.cache/vitkit`.
 Images are the 8x8 grey digits (values 0..16 scaled to 0..255) upsampled with bicubic interpolation
 (nearest would make every 4x4 patch of a 32x32 image one flat colour) and stored as RGB PNG.
-Split: 20% of each class held out for val (`stratified_split`, seed 0): 1,438 train and 359 val images.
+Split: 20% of each class held out for val (`stratified_split`, seed 0): 1,437 train and 360 val images.
 The tree is built in a temporary folder and renamed into place, so concurrent callers (DDP ranks) and
 killed runs never leave a half-written tree; `manifest.json` marks a complete one and is not rewritten.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from timm.layers import to_2tuple
 
 from vit.data.split import stratified_split
-from vit.data.transforms import to_hw
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ DIGITS_CLASSES = tuple(str(i) for i in range(10))
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 MANIFEST = "manifest.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: split by scikit-learn's train_test_split
 _STALE_TMP_SECONDS = 3600
 
 
@@ -41,7 +41,7 @@ def default_cache_dir() -> Path:
 
 def prepare_digits(img_size: int | Sequence[int] = 32, cache_dir: str | os.PathLike | None = None) -> Path:
     """Write the digits tree for `img_size` unless a complete one exists; return its root folder."""
-    h, w = to_hw(img_size)
+    h, w = to_2tuple(img_size)
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = f"digits-{h}" if h == w else f"digits-{h}x{w}"
     final = base / name

@@ -29,6 +29,8 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
 from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -37,13 +39,11 @@ from vit.data.datasets import ImageFolderDataset, PredictDataset, find_classes, 
 from vit.data.sampler import EpochSeededSampler
 from vit.data.split import stratified_split
 from vit.data.transforms import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
-    TRAIN_PRESETS,
+    INTERPOLATION,
+    TrainPreset,
     build_eval_transform,
     build_pretrain_transform,
     build_train_transform,
-    to_hw,
 )
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class ImageDataModule(L.LightningDataModule):
         val_dir: str = "val",
         val_split: float = 0.0,
         task: Literal["pretrain", "classify"] = "classify",
-        aug: str = "light",
+        aug: TrainPreset = "light",
         mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, float, float] = IMAGENET_DEFAULT_STD,
         seed: int = 0,
@@ -100,7 +100,7 @@ class ImageDataModule(L.LightningDataModule):
             img_size = tuple(img_size)
         _check_args(locals())
         self.save_hyperparameters()
-        self.img_size = to_hw(img_size)
+        self.img_size: tuple[int, int] = to_2tuple(img_size)
         self.train_root, self.val_root = _resolve_layout(root, train_dir, val_dir, val_split)
         self._class_names = list(DIGITS_CLASSES) if root is None else find_classes(self.train_root)
         self.train_dataset: ImageFolderDataset | None = None
@@ -114,6 +114,18 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self._class_names)
+
+    @property
+    def preprocessing(self) -> dict:
+        """What a model trained on this data expects of its input; checkpoints record it."""
+        hp = self.hparams
+        return {
+            "img_size": list(self.img_size),
+            "mean": [float(m) for m in hp.mean],
+            "std": [float(s) for s in hp.std],
+            "crop_pct": float(hp.crop_pct),
+            "interpolation": INTERPOLATION,
+        }
 
     @property
     def num_skipped(self) -> int:
@@ -165,6 +177,8 @@ class ImageDataModule(L.LightningDataModule):
             self._scan()
         if hp.task == "pretrain":
             train_tf = build_pretrain_transform(self.img_size, hp.mean, hp.std)
+        elif hp.task != "classify":  # the CLI checks the Literal; a Python caller gets the same word
+            raise ValueError(f"ImageDataModule: task must be 'pretrain' or 'classify', got {hp.task!r}")
         else:
             train_tf = build_train_transform(self.img_size, hp.mean, hp.std, preset=hp.aug)
         eval_tf = build_eval_transform(self.img_size, hp.mean, hp.std, crop_pct=hp.crop_pct)
@@ -229,47 +243,31 @@ class ImageDataModule(L.LightningDataModule):
 
 
 def _check_args(args: dict) -> None:
-    """Raise ValueError naming the first invalid constructor argument."""
+    """Raise ValueError naming the first argument whose value its type hint cannot rule out.
+
+    Types and enumerated choices are the constructor's hints, which jsonargparse checks on the command line.
+    """
 
     def need(ok: bool, field: str, what: str) -> None:
         if not ok:
             raise ValueError(f"ImageDataModule: {field} must be {what}, got {args[field]!r}")
 
-    def is_int(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    try:
-        to_hw(args["img_size"])
-    except (ValueError, TypeError):
-        need(False, "img_size", "a positive int or an (h, w) pair of positive ints")
-    need(is_int(args["batch_size"]) and args["batch_size"] > 0, "batch_size", "a positive int")
-    need(is_int(args["num_workers"]) and args["num_workers"] >= 0, "num_workers", "an int >= 0")
-    need(args["pin_memory"] in (None, True, False), "pin_memory", "true, false or null")
+    hw = to_2tuple(args["img_size"])
+    need(len(hw) == 2 and all(isinstance(s, int) and s > 0 for s in hw), "img_size", "a positive int or (h, w)")
+    need(args["batch_size"] > 0, "batch_size", "positive")
+    need(args["num_workers"] >= 0, "num_workers", ">= 0")
     for field in ("train_dir", "val_dir"):
-        need(isinstance(args[field], str) and args[field] not in ("", ".", ".."), field, "a sub-folder name")
-    val_split, crop_pct = args["val_split"], args["crop_pct"]
-    need(isinstance(val_split, (int, float)) and 0.0 <= val_split < 1.0, "val_split", "in [0, 1)")
-    need(args["task"] in ("pretrain", "classify"), "task", "'pretrain' or 'classify'")
-    need(args["aug"] in TRAIN_PRESETS, "aug", f"one of {sorted(TRAIN_PRESETS)}")
-    for field in ("mean", "std"):
-        v = args[field]
-        need(
-            isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v),
-            field,
-            "three numbers (one per RGB channel)",
-        )
+        need(args[field] not in ("", ".", ".."), field, "a sub-folder name")
+    need(0.0 <= args["val_split"] < 1.0, "val_split", "in [0, 1)")
     need(all(s > 0 for s in args["std"]), "std", "positive")
-    need(is_int(args["seed"]) and args["seed"] >= 0, "seed", "an int >= 0")
-    need(args["on_bad_image"] in ("error", "skip"), "on_bad_image", "'error' or 'skip'")
-    need(isinstance(args["drop_last"], bool), "drop_last", "true or false")
-    need(isinstance(crop_pct, (int, float)) and 0.0 < crop_pct <= 1.0, "crop_pct", "in (0, 1]")
+    need(args["seed"] >= 0, "seed", ">= 0")
+    need(0.0 < args["crop_pct"] <= 1.0, "crop_pct", "in (0, 1]")
     if args["root"] is not None:
         need(Path(args["root"]).expanduser().is_dir(), "root", "an existing folder")
     paths = args["predict_paths"]
-    if paths is not None:
-        for p in [paths] if isinstance(paths, str) else paths:
-            if not Path(p).expanduser().exists():
-                raise ValueError(f"ImageDataModule: predict_paths entry {p!r} does not exist")
+    for p in [paths] if isinstance(paths, str) else paths or []:
+        if not Path(p).expanduser().exists():
+            raise ValueError(f"ImageDataModule: predict_paths entry {p!r} does not exist")
 
 
 def _resolve_layout(

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+from torchvision.datasets import folder as tv_folder
 
 from vit.data.transforms import apply_transform
 
 log = logging.getLogger(__name__)
 
 _EXIF_ORIENTATION = 0x0112
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+IMG_EXTENSIONS = (*tv_folder.IMG_EXTENSIONS, ".gif", ".pbm")  # torchvision's, plus two formats PIL reads
 
 
 class BadImageError(OSError):
@@ -62,11 +63,14 @@ def list_images(folder: str | os.PathLike, extensions: Sequence[str] = IMG_EXTEN
 
 
 def find_classes(root: str | os.PathLike) -> list[str]:
-    """Class folder names directly under `root`, sorted; ValueError when there are none."""
+    """Class folder names directly under `root` (torchvision's `find_classes`, hidden names skipped), sorted."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data folder {str(root)!r} does not exist or is not a directory")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        classes = [c for c in tv_folder.find_classes(root)[0] if not c.startswith(".")]
+    except FileNotFoundError:
+        classes = []
     if not classes:
         raise ValueError(f"no class folders in {str(root)!r}; expected root/<class>/<image files>")
     return classes

@@ -2,44 +2,36 @@
 
 Every pipeline ends in `_to_tensor` (Normalize + ToTensorV2), the one place where numpy becomes torch, and
 `apply_transform` is the one place a pipeline is called. Resizes use bicubic for upscaling and INTER_AREA
-for downscaling (`area_for_downscale`), so a 3000x2000 photo shrunk to 32x32 does not alias.
+for downscaling (`area_for_downscale`), so a 3000x2000 photo shrunk to 32x32 does not alias. The default
+normalisation is timm's ImageNet mean and std.
 """
 
 import math
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
 
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+INTERPOLATION = "bicubic"  # timm's name for the cv2.INTER_CUBIC resizes below
+TrainPreset = Literal["none", "light", "randaug"]
 
 # Strength presets for classification fine-tuning (big_vision RANDAUG_DEF style).
 #   rrc_scale: RandomResizedCrop area range, None = plain resize to img_size
 #   randaug:   (num_ops, magnitude 0..10) of the RandAugment-like op set, None = off
 #   color_jitter: brightness/contrast/saturation strength, 0 = off
 #   erase_prob: random erasing probability (MAE fine-tuning uses reprob 0.25)
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+TRAIN_PRESETS: dict[TrainPreset, dict[str, Any]] = {
     "none": dict(rrc_scale=None, flip=False, randaug=None, color_jitter=0.0, erase_prob=0.0),
     "light": dict(rrc_scale=(0.08, 1.0), flip=True, randaug=None, color_jitter=0.0, erase_prob=0.0),
     "randaug": dict(rrc_scale=(0.08, 1.0), flip=True, randaug=(2, 9), color_jitter=0.4, erase_prob=0.25),
 }
-
-
-def to_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
-    """Return `img_size` (an int or an (h, w) pair) as a (h, w) tuple of positive ints."""
-    if isinstance(img_size, int):
-        hw = (img_size, img_size)
-    else:
-        hw = tuple(img_size) if isinstance(img_size, (list, tuple)) else ()
-    if len(hw) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in hw):
-        raise ValueError(f"img_size must be a positive int or an (h, w) pair of them, got {img_size!r}")
-    return hw
 
 
 def build_pretrain_transform(
@@ -49,7 +41,7 @@ def build_pretrain_transform(
     scale: tuple[float, float] = (0.2, 1.0),
 ) -> A.Compose:
     """MAE pretraining augmentation: RandomResizedCrop(scale, bicubic) + horizontal flip."""
-    h, w = to_hw(img_size)
+    h, w = to_2tuple(img_size)
     return A.Compose([_random_resized_crop(h, w, scale), A.HorizontalFlip(p=0.5), *_to_tensor(mean, std)])
 
 
@@ -57,13 +49,13 @@ def build_train_transform(
     img_size: int | Sequence[int],
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    preset: str = "light",
+    preset: TrainPreset = "light",
 ) -> A.Compose:
     """Classification fine-tuning augmentation from a named strength preset in `TRAIN_PRESETS`."""
     if preset not in TRAIN_PRESETS:
         raise ValueError(f"aug preset {preset!r} is unknown; valid presets: {sorted(TRAIN_PRESETS)}")
     cfg = TRAIN_PRESETS[preset]
-    h, w = to_hw(img_size)
+    h, w = to_2tuple(img_size)
     ops: list[A.BasicTransform | A.BaseCompose] = []
     if cfg["rrc_scale"] is None:
         ops.append(A.Resize(h, w, interpolation=cv2.INTER_CUBIC, area_for_downscale="image"))
@@ -93,7 +85,7 @@ def build_eval_transform(
     """
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    h, w = to_hw(img_size)
+    h, w = to_2tuple(img_size)
     if crop_pct == 1.0:
         ops = [A.Resize(h, w, interpolation=cv2.INTER_CUBIC, area_for_downscale="image")]
     else:

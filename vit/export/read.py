@@ -152,7 +152,7 @@ def _from_object(obj: dict[str, Any], name: str, record: NetworkRecord | None) -
     """Unwrap the container, take the record it holds, fold a probe head, detect and convert the layout."""
     if isinstance(obj.get(RECORD_KEY), dict):
         record = NetworkRecord.from_dict(obj[RECORD_KEY], f"{name} ({RECORD_KEY})")
-    state = _unwrap(obj, name)
+    state = _unwrap(obj, name, record.state_prefix if record is not None else "model.")
     if record is not None and record.head.get("kind") == "batchnorm_linear":
         state = fold_batchnorm_head(state, float(record.head["eps"]))
     layout = detect_layout(state)
@@ -177,13 +177,13 @@ def fold_batchnorm_head(state: dict[str, torch.Tensor], eps: float) -> dict[str,
     return {**out, "head.weight": weight, "head.bias": bias}
 
 
-def _unwrap(obj: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+def _unwrap(obj: dict[str, Any], name: str, prefix: str) -> dict[str, torch.Tensor]:
+    """The network's tensors: a Lightning checkpoint's under ``prefix`` (recorded; ``model.`` for ours)."""
     if "pytorch-lightning_version" in obj and isinstance(obj.get("state_dict"), dict):
-        # our LightningModules hold the network as ``self.model``
-        state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        state = {k.removeprefix(prefix): v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
         if not state:
             prefixes = sorted({k.split(".")[0] for k in obj["state_dict"]})
-            raise WeightsMismatchError(f"{name} is a Lightning checkpoint without a network under 'model.' "
+            raise WeightsMismatchError(f"{name} is a Lightning checkpoint without a network under {prefix!r} "
                                        f"(state_dict prefixes: {', '.join(prefixes[:8])})")
         return state
     for key in CONTAINER_KEYS:

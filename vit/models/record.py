@@ -42,6 +42,7 @@ class NetworkRecord:
     crop_pct: float | None = None
     interpolation: str | None = None
     encoder_args: dict[str, Any] | None = None  # an MAE's encoder, so its record also gives a backbone
+    state_prefix: str = ""  # where the network's keys sit in the file's state dict ("model." in a .ckpt)
     record_version: int = RECORD_VERSION
 
     @classmethod

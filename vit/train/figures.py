@@ -1,19 +1,22 @@
-"""PNG figures a person looks at: MAE reconstructions, learning curves, confusion matrices, attention maps."""
+"""PNG figures a person looks at: MAE reconstructions, learning curves, attention maps.
+
+Each figure is a `matplotlib.figure.Figure` on its own Agg canvas, never a pyplot figure, so drawing one leaves
+the user's backend and open figures alone.
+"""
 
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 RECONSTRUCTION_COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
+DPI = 100
 
 
 def save_image_grid(
@@ -21,7 +24,8 @@ def save_image_grid(
 ) -> Path:
     """Save rows of images ([3, H, W] in [0, 1]) as one PNG with a title over each column."""
     n_rows, n_cols = len(rows), len(rows[0])
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.0 * n_cols, 2.0 * n_rows), squeeze=False)
+    fig = Figure(figsize=(2.0 * n_cols, 2.0 * n_rows))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             ax = axes[r][c]
@@ -34,57 +38,33 @@ def save_image_grid(
 
 
 def save_learning_curves(metrics_csv: str | Path, path: str | Path) -> Path | None:
-    """Plot every ``train/*`` epoch metric and ``val/*`` metric of a Lightning CSV log against the epoch."""
-    with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if not value or key in ("epoch", "step") or not key.startswith(("train/", "val/")):
-                continue
-            if key.startswith("train/") and not key.endswith("_epoch"):
-                continue
-            series.setdefault(key, []).append((float(row.get("epoch") or 0), float(value)))
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, points in sorted(series.items()):
-        xs, ys = np.array(points).T
-        ax.plot(xs, ys, marker="o", markersize=3, label=key)
-    ax.set_xlabel("epoch")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    """Save `learning_curves_figure` of a Lightning CSV log as a PNG; None when the log has no epoch metrics."""
+    fig = learning_curves_figure(metrics_csv)
+    return None if fig is None else _save(fig, path)
 
 
-def save_confusion_matrix(
-    matrix: torch.Tensor, class_names: Sequence[str], path: str | Path, title: str = ""
-) -> Path:
-    """Save a confusion matrix (rows: true class, columns: predicted) as a PNG, coloured by row fraction.
+def learning_curves_figure(metrics_csv: str | Path, max_cols: int = 3) -> Figure | None:
+    """One panel per metric (loss, acc1, ...) against the epoch, with its train and val series.
 
-    Counts are written in the cells and class names on the axes for up to 20 classes.
+    Series are the ``train/<metric>_epoch`` and ``val/<metric>`` columns; step-level columns are left out.
     """
-    counts = matrix.detach().cpu().double()
-    frac = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    n = counts.shape[0]
-    side = min(max(4.0, 0.45 * n + 2.0), 24.0)
-    fig, ax = plt.subplots(figsize=(side, side))
-    im = ax.imshow(frac.numpy(), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if n <= 20:
-        ticks = np.arange(n)
-        ax.set_xticks(ticks, labels=list(class_names), rotation=90 if max(map(len, class_names)) > 3 else 0)
-        ax.set_yticks(ticks, labels=list(class_names))
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j] > 0:
-                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=8,
-                            color="white" if frac[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    acc = counts.diag().sum() / counts.sum().clamp_min(1)
-    ax.set_title(f"{title + ': ' if title else ''}top-1 {100 * acc:.2f}% of {int(counts.sum())} images", fontsize=10)
-    return _save(fig, path)
+    panels = _epoch_series(metrics_csv)
+    if not panels:
+        return None
+    n_cols = min(max_cols, len(panels))
+    n_rows = math.ceil(len(panels) / n_cols)
+    fig = Figure(figsize=(4.5 * n_cols, 3.5 * n_rows))
+    for i, (metric, series) in enumerate(sorted(panels.items())):
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
+        for split, points in sorted(series.items(), key=lambda kv: kv[0] != "train"):
+            epochs, values = zip(*points, strict=True)
+            ax.plot(epochs, values, marker="o", markersize=3, label=split)
+        ax.set_title(metric)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
 
 
 def save_attention_overlay(
@@ -96,7 +76,8 @@ def save_attention_overlay(
     """
     img = image.detach().float().clamp(0, 1).cpu()
     H, W = img.shape[-2:]
-    fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.6 * (1 + len(maps)), 2.8), squeeze=False)
+    fig = Figure(figsize=(2.6 * (1 + len(maps)), 2.8))
+    axes = fig.subplots(1, 1 + len(maps), squeeze=False)
     panels = [("image", None), *maps.items()]
     for ax, (name, amap) in zip(axes[0], panels, strict=True):
         ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
@@ -113,10 +94,25 @@ def save_attention_overlay(
     return _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def _epoch_series(metrics_csv: str | Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """{metric: {"train" | "val": [(epoch, value), ...]}} from the epoch-level columns of a Lightning CSV log."""
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    panels: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            split, _, metric = (key or "").partition("/")
+            if not value or split not in ("train", "val") or (split == "train" and not metric.endswith("_epoch")):
+                continue
+            metric = metric.removesuffix("_epoch")
+            panels.setdefault(metric, {}).setdefault(split, []).append((float(row.get("epoch") or 0), float(value)))
+    return panels
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    FigureCanvasAgg(fig)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=DPI)
     return path

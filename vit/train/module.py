@@ -42,7 +42,9 @@ class VitModule(LightningModule):
                                         class_names=getattr(self, "class_names", None))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RECORD_KEY] = self.network_record().to_dict()
+        record = self.network_record()
+        record.state_prefix = "model."  # the network is ``self.model``
+        checkpoint[RECORD_KEY] = record.to_dict()
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

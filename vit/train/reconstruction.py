@@ -1,26 +1,30 @@
-"""Callbacks Lightning lacks: the MAE reconstruction figure, and the count of skipped images in the logs."""
+"""A callback that draws the MAE reconstruction figure from fixed validation images."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from vit.train.figures import save_image_grid
 
 log = logging.getLogger(__name__)
+
+MASK_GREY = 0.5
 
 
 class ReconstructionPlotter(Callback):
     """Every ``every_n_epochs`` validation, save a PNG of original | masked | reconstruction | + visible patches.
 
     The same validation images (spread through the val set) and masks are used each time, so the figures
-    show progress. With
-    ``norm_pix_loss`` the prediction is de-normalised with each patch's own mean and variance before display.
+    show progress. With ``norm_pix_loss`` the prediction is de-normalised with each patch's own mean and
+    variance before display; images are de-normalised with the data module's ``preprocessing`` mean and std.
     The figure goes to ``<log_dir>/reconstructions/`` and to wandb when that logger is on.
 
     Args:
@@ -52,15 +56,13 @@ class ReconstructionPlotter(Callback):
             _, pred, mask = pl_module(imgs, noise=noise.to(imgs.device))
             recon = model.reconstruct(imgs, pred)
             ph, pw = model.patch_size
-            mask_img = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, ph * pw * model.in_chans))
-        mean, std = _stats(trainer, imgs)
-        show = [(x * std + mean).clamp(0, 1) for x in (imgs, recon)]
-        original, reconstruction = show
-        masked = original * (1 - mask_img) + 0.5 * mask_img
-        pasted = original * (1 - mask_img) + reconstruction * mask_img
-        rows = [[original[i], masked[i], reconstruction[i], pasted[i]] for i in range(imgs.shape[0])]
+            hidden = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, ph * pw * model.in_chans))[:, :1]
+        # a data module without `preprocessing` (or plain dataloaders) gets the ImageDataModule default
+        prep = getattr(trainer.datamodule, "preprocessing", None) or {}
+        mean, std = prep.get("mean", IMAGENET_DEFAULT_MEAN), prep.get("std", IMAGENET_DEFAULT_STD)
+        columns = reconstruction_columns(imgs, recon, hidden, mean, std)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
-        path = save_image_grid(rows, folder / f"epoch_{trainer.current_epoch:04d}.png")
+        path = save_image_grid(list(zip(*columns, strict=True)), folder / f"epoch_{trainer.current_epoch:04d}.png")
         if self.last_path is None:
             log.info("reconstruction figures go to %s", folder)
         self.last_path = path
@@ -69,20 +71,21 @@ class ReconstructionPlotter(Callback):
                 logger.log_image(key="val/reconstruction", images=[str(path)], step=trainer.global_step)
 
 
-class SkippedImages(Callback):
-    """Logs ``data/skipped_images``, the unreadable files the data module skipped, at each epoch end."""
+def reconstruction_columns(
+    imgs: torch.Tensor, recon: torch.Tensor, hidden: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> list[torch.Tensor]:
+    """The figure's columns original | masked | reconstruction | reconstruction + visible, each [B, C, H, W] in [0, 1].
 
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log(trainer, pl_module)
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._log(trainer, pl_module)
-
-    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        dm = trainer.datamodule
-        if getattr(getattr(dm, "hparams", {}), "get", lambda *_: None)("on_bad_image") == "skip":
-            pl_module.log("data/skipped_images", float(dm.num_skipped), reduce_fx="max", sync_dist=True)
+    `imgs` and `recon` [B, C, H, W] are normalised with `mean` / `std`; `hidden` [B, 1, H, W] is 1 on the pixels
+    of masked patches. "masked" shows those as MASK_GREY; "reconstruction + visible" keeps the original elsewhere.
+    """
+    m = torch.as_tensor(mean, dtype=imgs.dtype, device=imgs.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=imgs.dtype, device=imgs.device).view(1, -1, 1, 1)
+    original, reconstruction = ((x * s + m).clamp(0, 1) for x in (imgs, recon))
+    visible = 1 - hidden
+    masked = original * visible + MASK_GREY * hidden
+    pasted = original * visible + reconstruction * hidden
+    return [original, masked, reconstruction, pasted]
 
 
 def _spread_images(trainer: Trainer, n: int) -> torch.Tensor | None:
@@ -95,10 +98,3 @@ def _spread_images(trainer: Trainer, n: int) -> torch.Tensor | None:
     indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().tolist()
     items = [dataset[i] for i in indices]
     return torch.stack([item[0] if isinstance(item, list | tuple) else item for item in items])
-
-
-def _stats(trainer: Trainer, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hp = getattr(trainer.datamodule, "hparams", {})
-    mean, std = hp.get("mean") or (0.485, 0.456, 0.406), hp.get("std") or (0.229, 0.224, 0.225)
-    shape = (1, -1, 1, 1)
-    return (torch.tensor(mean, device=imgs.device).view(shape), torch.tensor(std, device=imgs.device).view(shape))
