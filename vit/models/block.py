@@ -21,6 +21,7 @@ class Block(nn.Module):
         drop_path: stochastic-depth rate of both residual branches.
         proj_drop: dropout after the attention projection and in the Mlp.
         attn_drop: dropout on the attention weights.
+        norm_eps: LayerNorm epsilon (timm and MAE: 1e-6; Hugging Face ViT / ViTMAE: 1e-12).
     """
 
     def __init__(
@@ -36,13 +37,14 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.norm1 = norm_layer(dim, eps=1e-6)
+        self.norm1 = norm_layer(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim, eps=1e-6)
+        self.norm2 = norm_layer(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()

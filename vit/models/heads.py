@@ -26,6 +26,7 @@ class MAPHead(nn.Module):
         qkv_bias: bias on the projections.
         qk_norm: normalise queries and keys.
         num_probes: number of learned probe (latent) tokens.
+        norm_eps: LayerNorm epsilon.
     """
 
     def __init__(
@@ -38,11 +39,12 @@ class MAPHead(nn.Module):
         num_probes: int = 1,
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.latent = nn.Parameter(torch.zeros(1, num_probes, dim))
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, norm_layer=norm_layer)
-        self.norm = norm_layer(dim, eps=1e-6)
+        self.norm = norm_layer(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
         nn.init.trunc_normal_(self.latent, std=dim**-0.5)
 

@@ -19,6 +19,7 @@ class MaskedAutoencoder(nn.Module):
         decoder_embed_dim / decoder_depth / decoder_num_heads: the decoder (the paper: 512, 8, 16).
         norm_pix_loss: regress per-patch normalised pixels (mean 0, var 1 in each patch), as the paper's best.
         qkv_bias / qk_norm / reg_tokens: passed to the encoder blocks.
+        norm_eps: LayerNorm epsilon of encoder and decoder (MAE: 1e-6; Hugging Face ViTMAE: 1e-12).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class MaskedAutoencoder(nn.Module):
         qkv_bias: bool = True,
         qk_norm: bool = False,
         reg_tokens: int = 0,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.model_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -47,7 +49,7 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = VisionTransformer(
             img_size, patch_size, in_chans, num_classes=0, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, reg_tokens=reg_tokens, pos_embed="sincos",
-            global_pool="token",
+            global_pool="token", norm_eps=norm_eps,
         )
         self.in_chans = in_chans
         self.patch_size = to_2tuple(patch_size)
@@ -60,9 +62,10 @@ class MaskedAutoencoder(nn.Module):
             torch.zeros(1, num_prefix + num_patches, decoder_embed_dim), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True) for _ in range(decoder_depth)]
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=norm_eps)
+             for _ in range(decoder_depth)]
         )
-        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
+        self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size[0] * self.patch_size[1] * in_chans)
         self.init_weights()
 

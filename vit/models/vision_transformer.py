@@ -41,6 +41,7 @@ class VisionTransformer(nn.Module):
         proj_drop_rate / attn_drop_rate: dropout inside blocks. drop_path_rate: max stochastic depth (linear).
         dynamic_img_size: accept any image size the patch divides, resampling positions on the fly.
         zero_head_init: initialise the classifier to zero (fine-tuning recipes).
+        norm_eps: LayerNorm epsilon of every norm (timm, MAE, DINOv2: 1e-6; Hugging Face ViT / ViTMAE: 1e-12).
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         dynamic_img_size: bool = False,
         zero_head_init: bool = False,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         # the constructor arguments, so exports can rebuild the model from config.json alone
@@ -99,15 +101,15 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.Sequential(
             *[
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, init_values, dpr[i], proj_drop_rate,
-                      attn_drop_rate)
+                      attn_drop_rate, norm_eps=norm_eps)
                 for i in range(depth)
             ]
         )
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
         # the MAP head keeps timm's fixed choices (qkv bias on, no qk-norm) so weights stay interchangeable
-        self.attn_pool = MAPHead(embed_dim, num_heads, mlp_ratio) if global_pool == "map" else None
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.attn_pool = MAPHead(embed_dim, num_heads, mlp_ratio, norm_eps=norm_eps) if global_pool == "map" else None
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(zero_head_init)
