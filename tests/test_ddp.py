@@ -30,8 +30,8 @@ ARGS = ["--config", str(RECIPE), "--trainer.strategy", "ddp", "--trainer.devices
         "--model.init_args.model_kwargs", json.dumps(NET), "--trainer.limit_val_batches", "1",
         "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false"]
 OVERLAY = {"trainer": {"callbacks": [
-    {"class_path": "vit.train.guards.LastCheckpoint", "init_args": {"dirpath": "runs/mae_tiny_digits/checkpoints"}},
-    {"class_path": "vit.train.guards.NonFiniteGuard", "init_args": {"action": "skip"}},
+    {"class_path": "vit.train.last_checkpoint.LastCheckpoint"},
+    {"class_path": "vit.train.nonfinite.NonFiniteGuard", "init_args": {"action": "skip"}},
     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
     {"class_path": "test_ddp.RankProbe", "init_args": {"nan_rank": 1, "nan_step": 2}},
 ]}}

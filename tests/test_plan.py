@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vit.bench import count_flops
+from vit.data import ImageDataModule
+from vit.flops import count_flops
 from vit.plan import format_plan, main, make_plan
-from vit.train import MAEPretrainer
+from vit.train import ImageClassifier, MAEPretrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MAE_TINY = ROOT / "configs" / "mae" / "vit_tiny_digits.yaml"
 MAE_BASE = ROOT / "configs" / "mae" / "vit_base_in1k.yaml"
+SUPERVISED = ROOT / "configs" / "supervised" / "vit_tiny_digits.yaml"
 NET = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2,
        "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
 IN1K_IMAGES = 1_281_167
@@ -36,7 +39,9 @@ def test_plan_matches_the_model_and_writes_nothing(tmp_path, monkeypatch) -> Non
     assert 2 * plan["flops_forward"] < plan["flops_train"] < 4 * plan["flops_forward"]
     assert plan["activation_bytes_per_device"] == 32 * plan["activation_bytes_per_image"] > 0
     assert plan["effective_batch"] == 64 and plan["lr"] == pytest.approx(4e-3 * 64 / 256)
-    assert plan["steps_per_epoch"] == 1438 // 2 // 32
+    n_train = len(_digits(task="pretrain").train_dataloader().dataset)
+    assert plan["train_images"] == n_train
+    assert plan["steps_per_epoch"] == math.ceil(n_train / 2) // 32  # DistributedSampler pads each rank
     assert plan["warmup_steps"] == 4 * plan["steps_per_epoch"]  # the recipe's 4 warmup epochs
     assert plan["total_steps"] == 40 * plan["steps_per_epoch"]
     assert "nothing was trained or written" in format_plan(plan)
@@ -65,9 +70,25 @@ def test_scale_overlays_keep_the_recipe_batch(overlay, devices, strategy, accumu
 
 
 def test_plan_sizes_a_classifier_from_its_data() -> None:
-    plan = make_plan(["--config", str(ROOT / "configs" / "supervised" / "vit_tiny_digits.yaml")])
-    assert plan["module"] == "ImageClassifier" and "tokens_kept" not in plan
-    assert plan["params_total"] > 0 and plan["train_images"] == 1438 and plan["mask_ratio"] is None
+    plan = make_plan(["--config", str(SUPERVISED)])
+    dm = _digits(batch_size=64)
+    loader = dm.train_dataloader()
+    recipe = {"model": "vit_tiny_patch16_224", "img_size": 32,
+              "model_kwargs": {"patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4}}
+    clf = ImageClassifier(**recipe, num_classes=dm.num_classes)  # the recipe's network, built for real
+    assert plan["module"] == "ImageClassifier" and "tokens_kept" not in plan and plan["mask_ratio"] is None
+    assert plan["params_total"] == sum(p.numel() for p in clf.parameters())
+    assert plan["params_trainable"] == sum(p.numel() for p in clf.parameters() if p.requires_grad)
+    assert plan["flops_forward"] == count_flops(lambda: clf.model(torch.randn(1, 3, 32, 32)))
+    assert plan["train_images"] == len(loader.dataset) and plan["val_images"] == len(dm.val_dataloader().dataset)
+    assert plan["batches_per_epoch"] == len(loader) == plan["steps_per_epoch"]  # one device, no accumulation
+
+
+def _digits(**kwargs) -> ImageDataModule:
+    dm = ImageDataModule(img_size=32, **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -6,7 +6,9 @@ non-finite step must stop the run (or be skipped) without a NaN reaching the wei
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import logging
 import subprocess
@@ -24,7 +26,8 @@ from PIL import Image
 from vit.cli import main
 from vit.data import ImageDataModule
 from vit.train import MAEPretrainer
-from vit.train.guards import LastCheckpoint, NonFiniteGuard
+from vit.train.last_checkpoint import LastCheckpoint
+from vit.train.nonfinite import NonFiniteGuard
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "mae" / "vit_tiny_digits.yaml"
@@ -172,7 +175,7 @@ def test_empty_class_or_data_set_is_an_error_before_training(tmp_path, monkeypat
         (["--data.img_size", "30"], "not divisible by patch size 4"),
         (["--model.init_args.model_kwargs", json.dumps(dict(NET, embed_dim=36, num_heads=8))],
          "embed_dim 36 is not divisible by num_heads 8"),
-        (["--data.batch_size", "0"], "batch_size must be a positive int"),
+        (["--data.batch_size", "0"], "batch_size must be positive, got 0"),
         (["--model", "vit.train.ImageClassifier", "--model.init_args.model", "vit_tiny_patch16_224",
           "--model.init_args.num_classes", "0"], "num_classes must be positive"),
     ],
@@ -211,6 +214,24 @@ def test_resuming_another_architecture_names_the_fields(tmp_path, monkeypatch, c
     assert "another architecture" in caplog.text
     assert "model.model_kwargs.embed_dim: checkpoint 64, config 32" in caplog.text
     assert sorted(p.name for p in CKPT_DIR.iterdir()) == ["last.ckpt"]
+
+
+def test_a_classifier_resumes_and_a_changed_one_is_named(tmp_path, monkeypatch, caplog) -> None:
+    """A classifier builds its network in configure_model, after the resume check: the check must still see it."""
+    monkeypatch.chdir(tmp_path)
+    net = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    args = ["fit", "--config", str(ROOT / "configs" / "supervised" / "vit_tiny_digits.yaml"), "--data.batch_size", "16",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_model_summary", "false"]
+    assert main([*args, "--model.init_args.model_kwargs", json.dumps(net), "--trainer.max_epochs", "1"]) == 0
+    assert main([*args, "--model.init_args.model_kwargs", json.dumps(net), "--trainer.max_epochs", "2",
+                 "--ckpt_path", "last"]) == 0
+    last = Path("runs/supervised_tiny_digits/checkpoints/last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    caplog.set_level(logging.ERROR, logger="vit")
+    assert main([*args, "--model.init_args.model_kwargs", json.dumps(dict(net, embed_dim=64)),
+                 "--trainer.max_epochs", "3", "--ckpt_path", "last"]) == 2
+    assert "fields that differ: model.model_kwargs.embed_dim: checkpoint 32, config 64. " in caplog.text
 
 
 # --- numerical faults -------------------------------------------------------------------------------------------
@@ -269,15 +290,28 @@ def test_skip_gives_up_after_too_many_in_a_row(tmp_path) -> None:
 
 # --- shipped recipes --------------------------------------------------------------------------------------------
 
-RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "scale")
-# ModelCheckpoint(save_last=True, monitor=...) rewrites last.ckpt only when the monitored metric improves
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in ("scale", "base"))
+
+
 def _name(p: Path) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
+@pytest.fixture(scope="module")
+def effective() -> dict[Path, dict]:
+    """Each recipe as the run sees it: merged over configs/base/trainer.yaml by ``vit fit --print_config``."""
+    configs = {}
+    for recipe in RECIPES:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            main(["fit", "--config", str(recipe), "--print_config"])
+        configs[recipe] = yaml.safe_load(out.getvalue())
+    return configs
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)
-def test_recipes_use_bf16_not_fp16_and_clip_gradients(recipe: Path) -> None:
-    trainer = yaml.safe_load(recipe.read_text()).get("trainer", {})
+def test_recipes_use_bf16_not_fp16_and_clip_gradients(recipe: Path, effective) -> None:
+    trainer = effective[recipe]["trainer"]
     assert str(trainer.get("precision")) in ("None", "32-true", "bf16-mixed", "bf16-true"), trainer.get("precision")
     assert float(trainer.get("gradient_clip_val") or 0) > 0, "gradient clipping is on in every recipe"
     if trainer.get("accelerator") == "gpu":
@@ -285,12 +319,12 @@ def test_recipes_use_bf16_not_fp16_and_clip_gradients(recipe: Path) -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_name)
-def test_recipes_keep_last_ckpt_current(recipe: Path) -> None:
-    callbacks = yaml.safe_load(recipe.read_text()).get("trainer", {}).get("callbacks", [])
-    paths = [cb.get("class_path", "") if isinstance(cb, dict) else str(cb) for cb in callbacks]
-    assert "vit.train.guards.LastCheckpoint" in paths
+def test_recipes_keep_last_ckpt_current(recipe: Path, effective) -> None:
+    callbacks = effective[recipe]["trainer"]["callbacks"]
+    assert "vit.train.last_checkpoint.LastCheckpoint" in [cb["class_path"] for cb in callbacks]
     for cb in callbacks:
-        args = (cb.get("init_args") or {}) if isinstance(cb, dict) else {}
+        args = cb.get("init_args") or {}
+        # ModelCheckpoint(save_last=True, monitor=...) rewrites last.ckpt only when the monitored metric improves
         assert not (args.get("save_last") and args.get("monitor")), "a monitored save_last goes stale"
 
 
@@ -299,7 +333,7 @@ def test_recipes_keep_last_ckpt_current(recipe: Path) -> None:
     ("auto", False, False, "32-true"), ("cpu", True, True, "32-true"),
 ])
 def test_unset_precision_is_bf16_on_a_gpu_and_fp32_on_a_cpu(monkeypatch, accelerator, cuda, bf16, expected) -> None:
-    from vit.cli import _default_precision
+    from vit.lightning_cli import _default_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,9 @@ import pytest
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from vit.train.guards import SIGTERM_EXIT_CODE, AtomicCheckpointIO, ExactResume
+from vit.train.checkpoint_io import AtomicCheckpointIO
+from vit.train.exact_resume import ExactResume
+from vit.train.last_checkpoint import SIGTERM_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "mae" / "vit_tiny_digits.yaml"
@@ -173,49 +176,74 @@ def _ckpt(version: int, size: int = 1000) -> dict:
     return {"version": version, "w": torch.full((size,), float(version))}
 
 
-def test_atomic_io_keeps_the_previous_file_when_a_write_dies(tmp_path, monkeypatch) -> None:
+# what AtomicCheckpointIO calls, in order; a kill at any of them must leave the previous file whole
+WRITE_STEPS = ("torch.save", "os.fsync", "os.replace")
+
+
+@pytest.mark.parametrize("step", WRITE_STEPS)
+def test_atomic_io_keeps_the_previous_file_when_a_write_dies(tmp_path, monkeypatch, step) -> None:
     io, path = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
     io.save_checkpoint(_ckpt(1), path)
+    module, name = step.split(".")
+    real = getattr({"torch": torch, "os": os}[module], name)
 
-    def dying_save(obj, f) -> None:
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt("killed mid-write")
+    def dies(*args, **kwargs):
+        if step == "torch.save":  # half a checkpoint reaches the file first
+            args[1].write(b"half a checkpoint")
+        elif step == "os.replace":
+            assert Path(args[0]).parent == path.parent, "the temporary file is written beside its target"
+        raise KeyboardInterrupt(f"killed in {step}")
 
-    monkeypatch.setattr("vit.train.guards.torch.save", dying_save)
+    monkeypatch.setattr(f"{module}.{name}", dies)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint(_ckpt(2), path)
-    assert _load(path)["version"] == 1
-    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"], "the temporary file is removed"
+    monkeypatch.setattr(f"{module}.{name}", real)
+    assert _load(path)["version"] == 1, "the previous checkpoint is intact"
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"], "no partial file is left beside it"
 
 
-def test_lightning_io_is_not_atomic_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch) -> None:
-    """Why AtomicCheckpointIO exists: fsspec stages Lightning's file in $TMPDIR; across filesystems the final move
-    is a copy into last.ckpt, and a kill during that copy leaves it truncated. AtomicCheckpointIO stays whole."""
+def test_atomic_io_never_copies_when_tmpdir_is_another_filesystem(tmp_path, monkeypatch) -> None:
+    """Why AtomicCheckpointIO exists. With $TMPDIR on another filesystem (node-local /tmp, checkpoints on NFS), a
+    rename from it fails with EXDEV and fsspec's move becomes a copy into last.ckpt: a kill during that copy
+    destroys Lightning's previous checkpoint. Ours stages beside the target, so its rename never crosses."""
+    staging = tmp_path / "node-local-tmp"
+    staging.mkdir()
     lightning_path, ours_path = tmp_path / "lightning" / "last.ckpt", tmp_path / "ours" / "last.ckpt"
     TorchCheckpointIO().save_checkpoint(_ckpt(1), lightning_path)
     AtomicCheckpointIO().save_checkpoint(_ckpt(1), ours_path)
 
-    def cross_device_rename(src, dst) -> None:
-        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    def same_filesystem_only(real):
+        def move(src, dst, *args, **kwargs):
+            if Path(src).resolve().is_relative_to(staging) != Path(dst).resolve().is_relative_to(staging):
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real(src, dst, *args, **kwargs)
+        return move
+
+    copies = []
 
     def copy_killed_halfway(src, dst, **kwargs) -> None:
+        copies.append(dst)
         data = Path(src).read_bytes()
         Path(dst).write_bytes(data[: len(data) // 2])
         raise KeyboardInterrupt("killed mid-copy")
 
-    monkeypatch.setattr(os, "rename", cross_device_rename)
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))  # $TMPDIR, read by mkstemp() without dir=
+    monkeypatch.setattr(os, "rename", same_filesystem_only(os.rename))
+    monkeypatch.setattr(os, "replace", same_filesystem_only(os.replace))
     monkeypatch.setattr(shutil, "copyfile", copy_killed_halfway)
     with pytest.raises(KeyboardInterrupt):
         TorchCheckpointIO().save_checkpoint(_ckpt(2), lightning_path)
-    with pytest.raises(Exception):  # noqa: B017 - any unpickling error: the previous checkpoint is gone
+    with pytest.raises(Exception):  # noqa: B017 - any unpickling error: Lightning's previous checkpoint is gone
         _load(lightning_path)
-    AtomicCheckpointIO().save_checkpoint(_ckpt(2), ours_path)  # same directory: a rename, never a copy
-    assert _load(ours_path)["version"] == 2
+    copies.clear()
+    AtomicCheckpointIO().save_checkpoint(_ckpt(2), ours_path)
+    assert copies == [] and _load(ours_path)["version"] == 2
+    assert list(staging.iterdir()) == [] and [p.name for p in ours_path.parent.iterdir()] == ["last.ckpt"]
 
 
 WRITER = """
 import sys, torch
-from vit.train.guards import AtomicCheckpointIO
+from vit.train.checkpoint_io import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 for v in range(1, 10_000):
     io.save_checkpoint({"version": v, "w": torch.full((8_000_000,), float(v))}, path)

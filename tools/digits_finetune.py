@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from lightning import LightningModule
 
-from vit.cli import VitCLI
 from vit.data import ImageDataModule
+from vit.lightning_cli import VitCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 MAE_CKPT = "runs/mae_tiny_digits/checkpoints/last.ckpt"

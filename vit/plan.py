@@ -20,18 +20,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning import LightningModule, Trainer
+from lightning import LightningModule
 from torch import nn
 
-from vit.bench import count_flops
-from vit.cli import ConfigError, VitCLI
 from vit.data import ImageDataModule
+from vit.flops import attention_densities, count_flops
+from vit.lightning_cli import ConfigError, VitCLI
 from vit.models import MaskedAutoencoder, VisionTransformer
-from vit.train.optim import scaled_lr
+from vit.train.schedule import effective_batch_size, optimizer_steps_per_epoch, scaled_lr, warmup_steps
 
 log = logging.getLogger(__name__)
 
 ADAMW_BYTES_PER_PARAM = 16  # fp32 weight, gradient and two moments (mixed precision keeps fp32 masters)
+# images in the measured forward: a BatchNorm in train mode (a linear probe's head) needs two; counts are per image
+IMAGES = 2
 
 
 def main(argv: list[str]) -> int:
@@ -45,7 +47,7 @@ def main(argv: list[str]) -> int:
         warnings.filterwarnings("ignore", message=pattern)  # plan passes its own args; third-party noise
     try:
         plan = make_plan(rest, images=opts.images, classes=opts.classes)
-    except (ConfigError, ValueError, OSError) as e:  # config, data and init_from errors, each naming its cause
+    except (ConfigError, ValueError, OSError) as e:  # config and data errors, each naming its cause
         log.error("vit plan: error: %s", e)
         return 2
     print(format_plan(plan))
@@ -63,7 +65,8 @@ def make_plan(args: list[str], images: int | None = None, classes: int | None = 
                                                  "--classes K (classifier head when the data is not read)."})
     cfg, model, dm = cli.config, cli.model, cli.datamodule
     tcfg = cfg.trainer
-    plan: dict[str, Any] = {"config": [str(c) for c in (cfg.get("config") or [])], "module": type(model).__name__}
+    configs = [str(c) for c in cli.parser.default_config_files + (cfg.get("config") or [])]
+    plan: dict[str, Any] = {"config": configs, "module": type(model).__name__}
 
     if images is None:
         dm.prepare_data()
@@ -76,7 +79,7 @@ def make_plan(args: list[str], images: int | None = None, classes: int | None = 
         n_train, drop_last = images, bool(dm.hparams.get("drop_last", True))
         plan["val_images"] = None
     plan["train_images"] = n_train
-    _build_model(model, dm)
+    _build_network(model, dm)
     net = getattr(model, "model", model)
 
     # network
@@ -94,9 +97,10 @@ def make_plan(args: list[str], images: int | None = None, classes: int | None = 
     if mask_ratio is not None and "patches" in plan:
         plan["tokens_kept"] = int(plan["patches"] * (1 - mask_ratio))  # as MAE's random_masking
     forward = _forward_fn(net, plan, mask_ratio)
-    plan["flops_forward"] = count_flops(forward)
-    plan["flops_train"] = count_flops(lambda: _scalar(forward()).backward())
-    plan["activation_bytes_per_image"] = _saved_activation_bytes(forward, params)
+    plan["flops_forward"] = count_flops(forward) // IMAGES
+    plan["flops_train"] = count_flops(lambda: _scalar(forward()).backward()) // IMAGES
+    plan["attention"] = attention_densities(net) if isinstance(net, MaskedAutoencoder | VisionTransformer) else []
+    plan["activation_bytes_per_image"] = _saved_activation_bytes(forward, params) // IMAGES
 
     # run
     per_node = _num_devices(tcfg)
@@ -110,18 +114,19 @@ def make_plan(args: list[str], images: int | None = None, classes: int | None = 
         batches = int(batches * limit)
     elif isinstance(limit, int):
         batches = min(batches, limit)
-    steps_per_epoch = max(1, math.ceil(batches / accum))
+    steps_per_epoch = optimizer_steps_per_epoch(batches, accum)
     max_epochs, max_steps = tcfg.get("max_epochs"), tcfg.get("max_steps", -1)
+    # Lightning's estimated_stepping_batches: 1000 epochs when neither limit is set, max_steps caps the epochs
     epochs = max_epochs if max_epochs is not None else (1000 if max_steps in (None, -1) else None)
     total = steps_per_epoch * max(epochs, 1) if epochs not in (None, -1) else math.inf
     if max_steps not in (None, -1):
         total = min(total, max_steps)
-    eff = world * batch * accum
+    eff = effective_batch_size(world, batch, accum)
     hp = model.hparams
     lr = hp.get("lr") if hp.get("lr") is not None else (
         scaled_lr(hp["base_lr"], eff) if hp.get("base_lr") is not None else None)
     warmup_epochs = hp.get("warmup_epochs")
-    warmup = min(round(warmup_epochs * steps_per_epoch), total) if warmup_epochs is not None else None
+    warmup = warmup_steps(warmup_epochs, steps_per_epoch, total) if warmup_epochs is not None else None
     plan.update(
         devices=world, devices_per_node=per_node, devices_counted_here=_counted_here(tcfg),
         num_nodes=int(tcfg.get("num_nodes") or 1), strategy=_name(tcfg.get("strategy")),
@@ -152,6 +157,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         rows.append(("tokens / image", tokens))
     rows.append(("GFLOPs / image", f"{plan['flops_forward'] / 1e9:,.3f} forward, "
                                    f"{plan['flops_train'] / 1e9:,.3f} train step (forward + backward)"))
+    if any(p != "dense" for p, _ in plan.get("attention", [])):
+        rows.append(("attention", _patterns(plan["attention"])))
     val = "not read" if plan["val_images"] is None else f"{plan['val_images']:,} val"
     given = " (given by --images)" if plan["val_images"] is None else ""
     rows.append(("data", f"{plan['train_images']:,} train images{given}, {val}"))
@@ -203,21 +210,20 @@ class _PlanCLI(VitCLI):
         return None
 
 
-def _build_model(model: LightningModule, dm: ImageDataModule) -> None:
-    """Run ``configure_model`` (a classifier builds its network there, sized by the data) on the meta device."""
-    if type(model).configure_model is LightningModule.configure_model:
+def _build_network(model: LightningModule, dm: ImageDataModule) -> None:
+    """Build a classifier's network for the data's classes on the meta device, as ``configure_model`` would."""
+    if not hasattr(model, "build_network") or getattr(model, "model", None) is not None:
         return
-    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
-    trainer._data_connector.attach_datamodule(model, datamodule=dm)  # what Trainer.fit does before configure_model
-    model.trainer = trainer
+    num_classes = getattr(dm, "num_classes", 0)
+    if not num_classes:
+        raise ValueError("the classifier's num_classes comes from the data, which is not read: pass --classes K")
     with torch.device("meta"):
-        model.configure_model()
+        model.build_network(num_classes, model.hparams.get("class_names") or getattr(dm, "class_names", None))
 
 
 def _forward_fn(net: nn.Module, plan: dict[str, Any], mask_ratio: float | None) -> Callable[[], Any]:
     h, w = plan.get("img_size", (224, 224))
-    x = torch.empty(1, plan.get("in_chans", 3), h, w, device="meta")
+    x = torch.empty(IMAGES, plan.get("in_chans", 3), h, w, device="meta")
     net.train()
     if isinstance(net, MaskedAutoencoder):
         return lambda: net(x, mask_ratio)
@@ -273,6 +279,16 @@ def _name(strategy: Any) -> str:
         return strategy
     path = strategy.get("class_path") if hasattr(strategy, "get") else None
     return str(path).rsplit(".", 1)[-1] if path else type(strategy).__name__
+
+
+def _patterns(blocks: list[tuple[str, float]]) -> str:
+    """'window:8 x3 (density 0.062), dense x1': each pattern, its blocks and the share of dense attention it costs."""
+    counts: dict[str, list[float]] = {}
+    for pattern, rho in blocks:
+        counts.setdefault(pattern, []).append(rho)
+    parts = [f"{p} x{len(r)}" + ("" if p == "dense" else f" (density {sum(r) / len(r):.3f})")
+             for p, r in counts.items()]
+    return ", ".join(parts) + "; the attention core counts as density x dense"
 
 
 def _hw(hw: tuple[int, int]) -> str:
