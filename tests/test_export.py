@@ -199,28 +199,42 @@ def test_safetensors_export_loads_with_our_loader(tmp_path: Path, trained: Visio
         assert _max_diff(loaded.forward_features(x), trained.forward_features(x)) <= 1e-4
 
 
-def test_timm_export_loads_strict(tmp_path: Path, trained: VisionTransformer) -> None:
-    export_model(trained, "timm", tmp_path)
-    cfg = json.loads((tmp_path / "timm_config.json").read_text())
-    ref = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
+def test_timm_export_is_a_timm_hub_folder(tmp_path: Path, trained: VisionTransformer) -> None:
+    record = NetworkRecord.from_model(trained, "vit_tiny_patch16_224", TinyData.preprocessing, CLASSES)
+    report = export_model(trained, "timm", tmp_path, record=record)
+    assert {p.name for p in report.files} == {"model.safetensors", "config.json", "README.md"}
+    assert [c.name.split(" (")[0] for c in report.checks] == ["timm.create_model(local-dir, pretrained)",
+                                                              "vit.load_backbone"]
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["num_classes"] == 3 and cfg["num_features"] == 64 and cfg["global_pool"] == "avg"
+    assert "num_classes" not in cfg["model_args"] and cfg["label_names"] == CLASSES  # TimmWrapper passes its own
+    pre = cfg["pretrained_cfg"]
+    assert pre["tag"] == "vitkit" and pre["input_size"] == [3, 32, 32] and pre["mean"] == TinyData.preprocessing["mean"]
+    assert pre["crop_pct"] == 1.0 and pre["interpolation"] == "bicubic" and pre["num_classes"] == 3
+    assert cfg["vitkit"]["architecture"] == "VisionTransformer" and cfg["vitkit"]["format"] == "timm"
+    assert "timm.create_model" in (tmp_path / "README.md").read_text()
+    # the weights are timm's own layout, loaded strictly into the model the config names
+    ref = timm.create_model(cfg["architecture"], pretrained=False, num_classes=3, **cfg["model_args"]).eval()
     ref.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+    hub = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert _max_diff(ref(x), trained(x)) <= 1e-4
+        assert _max_diff(ref(x), trained(x)) <= 1e-5 and _max_diff(hub(x), trained(x)) <= 1e-5
+    assert list(timm.data.resolve_model_data_config(hub)["mean"]) == TinyData.preprocessing["mean"]
 
 
 def test_timm_export_of_a_named_size(tmp_path: Path) -> None:
     small = vit.create_model("vit_small_patch16_224", depth=1, num_classes=10).eval()
     report = export_model(small, "timm", tmp_path)
-    cfg = json.loads((tmp_path / "timm_config.json").read_text())
-    assert cfg["architecture"] == "vit_small_patch16_224" and cfg["model_args"] == {"depth": 1, "num_classes": 10}
-    assert all(c.ok for c in report.checks)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architecture"] == "vit_small_patch16_224" and cfg["model_args"] == {"depth": 1}
+    assert cfg["num_classes"] == 10 and all(c.ok for c in report.checks)
     # the real size (12 blocks) maps to timm's name with no structural override; keys checked on meta tensors
     with torch.device("meta"):
         full = vit.create_model("vit_small_patch16_224", num_classes=10)
         cfg = timm_config(full)
-        ref = timm.create_model(cfg["architecture"], **cfg["model_args"])
-    assert cfg["exact"] and cfg["model_args"] == {"num_classes": 10}
+        ref = timm.create_model(cfg["architecture"], num_classes=10, **cfg["model_args"])
+    assert cfg["exact"] and cfg["model_args"] == {} and cfg["unsupported"] == {}
     ref.load_state_dict(vit.export.vit_to_timm(full.state_dict()), strict=True, assign=True)
 
 

@@ -16,12 +16,17 @@ In YAML:
       num_workers: 8
       aug: randaug
 
+Starting from pretrained weights, `preprocessing_from: <weights folder>` normalises and crops as those weights
+expect, read from the folder: our export's record, a timm hub folder's `pretrained_cfg`, or a Hugging Face
+`preprocessor_config.json`.
+
 Training order and augmentation are a pure function of (seed, epoch) through EpochSeededSampler, and the
 train loader is a StatefulDataLoader whose position Lightning stores in checkpoints, so a resumed run sees
 the same remaining batches. Test uses the val set; predict uses `predict_paths` (files and folders) or,
 when unset, the val images.
 """
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -71,6 +76,10 @@ class ImageDataModule(L.LightningDataModule):
         predict_paths: image files and/or folders for predict; None predicts the val images.
         drop_last: drop the last incomplete train batch.
         crop_pct: eval resize-then-center-crop ratio; 1.0 resizes straight to img_size.
+        preprocessing_from: a weights folder whose preprocessing replaces mean, std and crop_pct: our export's
+            config.json (or its "vitkit" entry in a timm hub folder), else timm's ``pretrained_cfg``, else a
+            Hugging Face ``preprocessor_config.json``. Its input size is only reported: img_size stays the
+            model's (the loader resamples positions for another one).
     """
 
     def __init__(
@@ -94,6 +103,7 @@ class ImageDataModule(L.LightningDataModule):
         predict_paths: list[str] | str | None = None,
         drop_last: bool = True,
         crop_pct: float = 0.875,
+        preprocessing_from: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(img_size, list):
@@ -101,6 +111,8 @@ class ImageDataModule(L.LightningDataModule):
         _check_args(locals())
         self.save_hyperparameters()
         self.img_size: tuple[int, int] = to_2tuple(img_size)
+        if preprocessing_from is not None:
+            self.hparams.update(_folder_preprocessing(preprocessing_from, self.img_size))
         self.train_root, self.val_root = _resolve_layout(root, train_dir, val_dir, val_split)
         self._class_names = list(DIGITS_CLASSES) if root is None else find_classes(self.train_root)
         self.train_dataset: ImageFolderDataset | None = None
@@ -264,6 +276,8 @@ def _check_args(args: dict) -> None:
     need(0.0 < args["crop_pct"] <= 1.0, "crop_pct", "in (0, 1]")
     if args["root"] is not None:
         need(Path(args["root"]).expanduser().is_dir(), "root", "an existing folder")
+    if args["preprocessing_from"] is not None:
+        need(Path(args["preprocessing_from"]).expanduser().is_dir(), "preprocessing_from", "an existing folder")
     paths = args["predict_paths"]
     for p in [paths] if isinstance(paths, str) else paths or []:
         if not Path(p).expanduser().exists():
@@ -289,3 +303,61 @@ def _resolve_layout(
     if val_split > 0:
         raise ValueError(f"ImageDataModule: val_split={val_split} but root {root!r} has a {val_dir!r} folder")
     return train_p, val_p
+
+
+def _folder_preprocessing(folder: str, img_size: tuple[int, int]) -> dict:
+    """mean, std and crop_pct recorded in a weights folder (see ``preprocessing_from``); ValueError if it has none.
+
+    The folder's interpolation and input size are reported when they differ from ours, not taken.
+    """
+    path = Path(folder).expanduser()
+    config = _read_json(path / "config.json")
+    record = config.get("vitkit", config)
+    if record.get("architecture") in ("VisionTransformer", "MaskedAutoencoder"):
+        found, what = dict(record), "config.json (vitkit record)"
+    elif isinstance(config.get("pretrained_cfg"), dict):
+        cfg = config["pretrained_cfg"]
+        found, what = {**cfg, "img_size": (cfg.get("input_size") or [None])[1:] or None}, "config.json pretrained_cfg"
+    elif (path / "preprocessor_config.json").is_file():
+        found, what = _hf_processor(_read_json(path / "preprocessor_config.json")), "preprocessor_config.json"
+    else:
+        raise ValueError(f"ImageDataModule: preprocessing_from {folder!r} has no config.json record, timm "
+                         f"pretrained_cfg or preprocessor_config.json")
+    values = {k: found[k] for k in ("mean", "std", "crop_pct") if found.get(k) is not None}
+    if not values:
+        raise ValueError(f"ImageDataModule: preprocessing_from {folder!r}: {what} records no mean, std or crop_pct")
+    if any(s <= 0 for s in values.get("std", [1.0])) or not 0.0 < values.get("crop_pct", 1.0) <= 1.0:
+        raise ValueError(f"ImageDataModule: preprocessing_from {folder!r}: {what} holds std {values.get('std')} and "
+                         f"crop_pct {values.get('crop_pct')} (std must be positive, crop_pct in (0, 1])")
+    interpolation = found.get("interpolation")
+    if interpolation and interpolation != INTERPOLATION:
+        log.warning("%s of %s resizes %s; vitkit's transforms resize %s", what, folder, interpolation, INTERPOLATION)
+    size = found.get("img_size")
+    if size and tuple(int(v) for v in size) != img_size:
+        log.info("the weights in %s expect %s inputs; data.img_size is %s", folder, "x".join(map(str, size)),
+                 "x".join(map(str, img_size)))
+    log.info("preprocessing from %s of %s: %s", what, folder, values)
+    return values
+
+
+def _hf_processor(processor: dict) -> dict:
+    """A Hugging Face image processor's settings in our terms (a shortest-edge resize + crop gives crop_pct)."""
+    size, crop = processor.get("size") or {}, processor.get("crop_size") or {}
+    out = {"mean": processor.get("image_mean"), "std": processor.get("image_std"),
+           "interpolation": {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(processor.get("resample"))}
+    if processor.get("do_center_crop") and crop.get("height") and size.get("shortest_edge"):
+        out.update(img_size=[crop["height"], crop["width"]], crop_pct=min(crop["height"], crop["width"])
+                   / size["shortest_edge"])
+    elif size.get("height") and size.get("width"):
+        out.update(img_size=[size["height"], size["width"]], crop_pct=1.0)
+    return out
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"ImageDataModule: preprocessing_from: {path} is not readable JSON ({e})") from e
+    return data if isinstance(data, dict) else {}

@@ -1,4 +1,5 @@
-"""Weights in and out: reading any supported source once, key maps (ours ↔ timm ↔ official MAE), exporters."""
+"""Weights in and out: reading any supported source once (ours, timm, official MAE, Hugging Face folders), key maps,
+exporters (safetensors, timm's hub folder, official MAE, ONNX, torch.export)."""
 
 from vit.export.config import export_config, timm_config
 from vit.export.interop import detect_layout, mae_official_to_vit, timm_to_vit, vit_to_mae_official, vit_to_timm

@@ -25,7 +25,11 @@ SOURCE is one of:
   a run directory (searched recursively for *.ckpt: the best checkpoint ModelCheckpoint recorded when it
     monitored a metric, else the newest last*.ckpt, else the newest *.ckpt),
   an export directory (config.json, our record of the network, + model.safetensors),
+  a timm hub folder (ours, or timm's save_for_hf of a model vitkit has a name for),
+  a Hugging Face save_pretrained folder of ViT, ViTMAE, DINOv2 or DINOv2 with registers (no transformers needed),
   a plain state dict (.pth / .safetensors) with --model NAME [--model-args JSON].
+--format timm writes timm's hub layout (config.json, model.safetensors, README.md): timm.create_model(
+"local-dir:DIR", pretrained=True) and transformers' AutoModel.from_pretrained(DIR) load it, and so do we.
 An MAE source exports its encoder, except with --format mae (the full MAE, official layout).
 Every file is read with safetensors or torch.load(weights_only=True): pickled code is refused.
 """
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = read_weights(args.source)
         model = build_network(weights, name=args.model, model_args=args.model_args)
         print(f"source: {weights.source} ({_describe(model)}, read in {time.perf_counter() - t0:.2f} s)")
+        for note in weights.notes:
+            print(f"  note: {note}")
         report = export_model(model, args.format, args.out, record=record_of(weights, model), source=weights.source,
                               image_sizes=args.image_size, head=args.head, opset=args.opset, atol=args.atol)
     except ExportCheckError as e:

@@ -14,6 +14,8 @@ from vit.version import __version__
 CONFIG_FORMAT_VERSION = 1
 # Arguments that make a named size (timm's name is only "exact" when these match the registered ones).
 _STRUCTURAL = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+# Our arguments that change how a network is initialised or run, not what it computes (timm needs neither).
+_NOT_STRUCTURE = ("zero_head_init", "grad_checkpointing")
 
 
 def export_config(record: NetworkRecord, fmt: str, source: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -29,16 +31,20 @@ def normalisation(record: NetworkRecord) -> tuple[list[float], list[float], bool
     return list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD), False
 
 
-def timm_config(model: VisionTransformer, record: NetworkRecord | None = None) -> dict[str, Any]:
-    """How timm builds ``model``: ``timm.create_model(architecture, **model_args)``, plus a pretrained_cfg overlay.
+def timm_config(model: VisionTransformer) -> dict[str, Any]:
+    """How timm builds ``model``: ``timm.create_model(architecture, num_classes=..., **model_args)``.
 
     ``architecture`` is the timm name needing the fewest overrides; ``exact`` says whether it is the same named
     size (patch, width, depth, heads and mlp ratio as registered), the rest being ordinary overrides.
+    ``model_args`` leaves ``num_classes`` out (a hub folder states it once, at its top level).
+    ``unsupported`` holds our arguments timm has no counterpart for, at a value that is not timm's behaviour
+    (``norm_eps``: timm builds every LayerNorm with 1e-6): timm then builds a slightly different network.
     """
     import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    mean, std, _ = normalisation(record or NetworkRecord.from_model(model))
-    ours = _to_timm_args(model.model_args)
+    timm_params = set(inspect.signature(TimmViT).parameters)
+    ours = _to_timm_args(model.model_args, timm_params)
     best: tuple[tuple[int, int, str], str, dict[str, Any]] | None = None
     for name in list_models("vit_*"):
         if not timm.is_model(name):
@@ -46,7 +52,7 @@ def timm_config(model: VisionTransformer, record: NetworkRecord | None = None) -
         cls, registered = model_config(name)
         if cls is not VisionTransformer:
             continue
-        reference = _to_timm_args({**_defaults(VisionTransformer), **registered})
+        reference = _to_timm_args({**_defaults(VisionTransformer), **registered}, timm_params)
         diff = {k: v for k, v in ours.items() if not _same_value(k, v, reference.get(k))}
         score = (sum(k in _STRUCTURAL for k in diff), len(diff), name)
         if best is None or score < best[0]:
@@ -54,20 +60,16 @@ def timm_config(model: VisionTransformer, record: NetworkRecord | None = None) -
     if best is None:
         raise RuntimeError("no registered ViT name is also a timm model")
     (n_structural, _, _), name, diff = best
-    h, w = model.patch_embed.img_size
-    return {
-        "architecture": name,
-        "model_args": _plain(diff),
-        "exact": n_structural == 0,
-        # timm's own pretrained_cfg for the name may point at other weights (npz loader, another head size)
-        "pretrained_cfg": {"custom_load": False, "num_classes": model.num_classes, "input_size": [3, h, w],
-                           "mean": mean, "std": std},
-    }
+    defaults = _defaults(VisionTransformer)
+    unsupported = {k: v for k, v in model.model_args.items()
+                   if k not in timm_params and k not in _NOT_STRUCTURE and v != defaults.get(k)}
+    return {"architecture": name, "model_args": _plain(diff), "exact": n_structural == 0,
+            "unsupported": _plain(unsupported)}
 
 
-def _to_timm_args(args: dict[str, Any]) -> dict[str, Any]:
-    """Our constructor arguments as timm's ``VisionTransformer`` takes them (names already agree)."""
-    out = {k: v for k, v in args.items() if k != "zero_head_init"}
+def _to_timm_args(args: dict[str, Any], timm_params: set[str]) -> dict[str, Any]:
+    """Our constructor arguments that timm's ``VisionTransformer`` takes too (same names), ``num_classes`` aside."""
+    out = {k: v for k, v in args.items() if k in timm_params and k != "num_classes"}
     if out.get("pos_embed") == "sincos":
         out["pos_embed"] = "learn"  # the fixed table is stored in the weights; timm only needs the slot
     return out

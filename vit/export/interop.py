@@ -1,8 +1,9 @@
-"""Key maps between our state dicts, timm's VisionTransformer and the official MAE checkpoints.
+"""Key maps between our state dicts, timm's VisionTransformer and the official MAE checkpoints; layout detection.
 
 Our encoder already uses timm's names; only the MAP head differs (timm: separate ``q`` and ``kv``
 projections; ours: the one ``Attention`` with a fused ``qkv``). Our ``MaskedAutoencoder`` nests the encoder
 under ``encoder.``; the official MAE keeps encoder keys at the top level beside the ``decoder_*`` keys.
+Hugging Face's layout (``hf``) has its own map, in ``hf.py``.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from typing import Literal
 
 import torch
 
-Layout = Literal["vit", "timm", "mae", "mae_official"]
+from vit.export.hf import is_hf_state
+
+Layout = Literal["vit", "timm", "mae", "mae_official", "hf"]
 
 MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
 _MAP_ATTN = ("q_norm", "k_norm", "proj")
 
 
 def detect_layout(state_dict: dict[str, torch.Tensor]) -> Layout:
-    """Name the layout of a state dict: our ViT, timm's ViT, our MAE, or the official MAE (with decoder)."""
+    """Name the layout of a state dict: our ViT, timm's ViT, our MAE, the official MAE (with decoder), or a
+    Hugging Face ViT / ViTMAE / DINOv2 (whose ``encoder.layer.N`` keys are not our MAE's ``encoder.``)."""
     keys = state_dict.keys()
+    if is_hf_state(state_dict):
+        return "hf"
     if any(k.startswith("encoder.") for k in keys):
         return "mae"
     if any(k.startswith(MAE_DECODER_PREFIXES) for k in keys):

@@ -2,13 +2,14 @@
 
 A source is read once (``read_weights``); what remains here is fitting its state to the target: an MAE's
 encoder into a ViT (the decoder dropped) or a ViT into an MAE's encoder, position embeddings resampled from the
-recorded patch grid, and the parts the caller expects to be new (a fresh head, a probe) left at their init.
+recorded patch grid (the way the source's library resamples them, when it recorded one: Hugging Face ViT and
+DINOv2 without antialias), and the parts the caller expects to be new (a fresh head, a probe) left at their init.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,18 @@ from vit.models import MaskedAutoencoder, NetworkRecord, VisionTransformer, crea
 log = logging.getLogger(__name__)
 
 MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
+DEFAULT_RESAMPLE = {"mode": "bicubic", "antialias": True}  # timm's resample_abs_pos_embed
 
 
 @dataclass
 class LoadReport:
-    """What ``load_weights`` did: the source's layout, keys left out or kept fresh, tensors resampled."""
+    """What ``load_weights`` did: the source's layout, keys left out or kept fresh, tensors resampled (and how)."""
 
     layout: str
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     resampled: list[str] = field(default_factory=list)
+    resample_mode: str | None = None
     fresh: list[str] = field(default_factory=list)
     dropped_decoder: bool = False
 
@@ -43,6 +46,7 @@ def load_weights(
     strict: bool = True,
     new: Sequence[str] = (),
     grid_size: tuple[int, int] | None = None,
+    resample: Mapping[str, Any] | None = None,
 ) -> LoadReport:
     """Load weights of any supported source (ours, timm, official MAE, Lightning, export folder) into ``model``.
 
@@ -50,14 +54,18 @@ def load_weights(
     them a key may be missing from the source or differ in shape (the model keeps its init; ``report.fresh``),
     and source keys the model lacks are dropped. Position embeddings are resampled from the source's patch grid:
     the recorded one, else ``grid_size``, else a square grid (the convention of timm and the official MAE,
-    whose files record no grid). Raises ``WeightsMismatchError`` naming missing and unexpected keys (when
-    ``strict``) and every shape conflict outside ``new`` (always).
+    whose files record no grid), by ``resample`` (``{"mode": ..., "antialias": ...}``), else the way the record
+    says the source's library does it, else bicubic with antialias (timm's); ``report.resample_mode`` says which.
+    Raises ``WeightsMismatchError`` naming missing and unexpected keys (when ``strict``) and every shape
+    conflict outside ``new`` (always).
     """
     weights = read_weights(source)
     state, dropped_decoder = _fit_to(model, weights.state)
     report = LoadReport(layout=weights.layout, dropped_decoder=dropped_decoder)
-    grid = grid_size or (weights.record.grid_size if weights.record is not None else None)
-    state = _resample_positions(model, state, report, grid)
+    record = weights.record
+    grid = grid_size or (record.grid_size if record is not None else None)
+    how = dict(resample or (record.pos_resample if record is not None else None) or DEFAULT_RESAMPLE)
+    state = _resample_positions(model, state, report, grid, how)
     own = model.state_dict()
     new = tuple(new)
     for k in [k for k in state if k.startswith(new) and (k not in own or state[k].shape != own[k].shape)]:
@@ -97,7 +105,7 @@ def load_backbone(
     weights = read_weights(path)
     model = build_network(weights, backbone=True)
     if img_size is not None and to_2tuple(img_size) != model.patch_embed.img_size:
-        model = resize_model(model, img_size)
+        model = resize_model(model, img_size, weights.record.pos_resample if weights.record else None)
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model.eval()
@@ -108,16 +116,19 @@ def build_network(weights: Weights, backbone: bool = False, name: str | None = N
     """The network ``weights`` came from, built from its record (or ``name`` + ``model_args``) and loaded strictly.
 
     ``backbone`` asks for a ``VisionTransformer`` (an MAE's encoder); ``name`` overrides the record's network.
+    The network's ``pretrained_cfg`` (timm's data config) takes the record's preprocessing.
     """
+    record = None
     if name is not None:
         net = create_model(name, **(model_args or {}))
     elif weights.record is not None:
         record = weights.record.encoder_record() if backbone else weights.record
         net = record.build(**(model_args or {}))
     else:
-        raise ValueError(f"{weights.source} is a plain state dict without a record of its network; say which "
-                         f"network it holds (vit export: --model NAME [--model-args JSON]; Python: "
-                         f"vit.create_model(NAME) then vit.load_weights)")
+        raise ValueError(f"{weights.source} is a plain state dict without a record of its network (or a timm "
+                         f"folder of an architecture vitkit has no name for); say which network it holds (vit "
+                         f"export: --model NAME [--model-args JSON]; Python: vit.create_model(NAME) then "
+                         f"vit.load_weights)")
     if backbone and isinstance(net, MaskedAutoencoder):
         net = net.encoder
     if not isinstance(net, VisionTransformer | MaskedAutoencoder):
@@ -127,22 +138,35 @@ def build_network(weights: Weights, backbone: bool = False, name: str | None = N
     except WeightsMismatchError as e:
         how = f"{name} with {model_args}" if name else "from its record"
         raise WeightsMismatchError(f"{e} (the network was built {how})") from None
+    encoder = net.encoder if isinstance(net, MaskedAutoencoder) else net
+    if record is not None:
+        encoder.pretrained_cfg.update({k: v for k, v in _data_config(record).items() if v is not None})
     return net.eval()
 
 
-def resize_model(model: VisionTransformer, img_size: int | tuple[int, int]) -> VisionTransformer:
-    """A copy of ``model`` built for ``img_size``, position embeddings resampled to the new patch grid."""
+def resize_model(model: VisionTransformer, img_size: int | tuple[int, int],
+                 resample: Mapping[str, Any] | None = None) -> VisionTransformer:
+    """A copy of ``model`` built for ``img_size``, position embeddings resampled to the new patch grid.
+
+    ``resample`` (``{"mode": ..., "antialias": ...}``) defaults to bicubic with antialias (timm's).
+    """
     resized = VisionTransformer(**{**model.model_args, "img_size": to_2tuple(img_size)})
-    load_weights(resized, model.state_dict(), grid_size=model.grid_size)
+    report = load_weights(resized, model.state_dict(), grid_size=model.grid_size, resample=resample)
+    if report.resample_mode:
+        log.info("resampled the position embeddings to %s (%s)", _fmt(resized.grid_size), report.resample_mode)
+    resized.pretrained_cfg.update({k: v for k, v in model.pretrained_cfg.items() if k != "input_size"})
     return resized.train(model.training)
 
 
 def record_of(weights: Weights, net: nn.Module) -> NetworkRecord:
-    """The record of ``net`` as built from ``weights``: the source's preprocessing, class names and name kept."""
+    """The record of ``net`` as built from ``weights``: the source's preprocessing, class names, name and
+    position resampling kept."""
     rec = weights.record
-    return NetworkRecord.from_model(net, name=rec.name if rec else None,
-                                    preprocessing=rec.preprocessing if rec else None,
-                                    class_names=rec.class_names if rec else None)
+    record = NetworkRecord.from_model(net, name=rec.name if rec else None,
+                                      preprocessing=rec.preprocessing if rec else None,
+                                      class_names=rec.class_names if rec else None)
+    record.pos_resample = rec.pos_resample if rec else None
+    return record
 
 
 def _fit_to(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
@@ -156,7 +180,7 @@ def _fit_to(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str,
 
 
 def _resample_positions(model: nn.Module, state: dict[str, torch.Tensor], report: LoadReport,
-                        grid: tuple[int, int] | None) -> dict[str, torch.Tensor]:
+                        grid: tuple[int, int] | None, how: dict[str, Any]) -> dict[str, torch.Tensor]:
     own = model.state_dict()
     for key, module in (("pos_embed", model), ("encoder.pos_embed", getattr(model, "encoder", None))):
         if not isinstance(module, VisionTransformer) or key not in state or key not in own:
@@ -169,10 +193,23 @@ def _resample_positions(model: nn.Module, state: dict[str, torch.Tensor], report
         if old_grid[0] * old_grid[1] != n_old:
             raise WeightsMismatchError(f"{key} holds {n_old} patch positions, not the {old_grid[0]}x{old_grid[1]} "
                                        f"grid the source records")
-        state[key] = resample_pos_embed(state[key], module.grid_size, old_grid, prefix)
+        state[key] = resample_pos_embed(state[key], module.grid_size, old_grid, prefix, how["mode"],
+                                        bool(how["antialias"]))
         report.resampled.append(key)
-        log.info("resampled %s from a %dx%d grid to %dx%d", key, *old_grid, *module.grid_size)
+        report.resample_mode = f"{how['mode']}, {'with' if how['antialias'] else 'without'} antialias"
+        log.info("resampled %s from a %dx%d grid to %dx%d (%s)", key, *old_grid, *module.grid_size,
+                 report.resample_mode)
     return state
+
+
+def _data_config(record: NetworkRecord) -> dict[str, Any]:
+    """The record's preprocessing in timm's ``pretrained_cfg`` terms."""
+    return {"mean": tuple(record.mean) if record.mean else None, "std": tuple(record.std) if record.std else None,
+            "crop_pct": record.crop_pct, "interpolation": record.interpolation}
+
+
+def _fmt(grid: tuple[int, int]) -> str:
+    return f"{grid[0]}x{grid[1]}"
 
 
 def _square(n: int, key: str) -> tuple[int, int]:

@@ -2,32 +2,37 @@
 
 Every source is read with safetensors or ``torch.load(weights_only=True)`` (pickled code is refused), its
 container is unwrapped (Lightning ``.ckpt``, ``{"model": ...}`` of the official MAE, timm's ``state_dict`` /
-EMA entries, an export folder's ``config.json`` + weights file), its key layout is detected once and converted
-once to ours. The record (``vit.models.NetworkRecord``) comes from the checkpoint or ``config.json``; a plain
-state dict has none, and then the caller says which network it is.
+EMA entries, a folder's ``config.json`` + weights file: ours, timm's hub layout or a Hugging Face
+``save_pretrained`` folder), its key layout is detected once and converted once to ours. The record
+(``vit.models.NetworkRecord``) comes from the checkpoint or the folder's ``config.json`` (see ``folder.py``); a
+plain state dict has none, and then the caller says which network it is.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vit.export.folder import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    library_record,
+    own_record,
+    read_config,
+    shard_files,
+    weights_file,
+)
+from vit.export.hf import hf_to_vit
 from vit.export.interop import Layout, detect_layout, mae_official_to_vit, timm_to_vit
 from vit.models import RECORD_KEY, NetworkRecord
-from vit.models.record import ARCHITECTURES
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MAE_WEIGHTS_NAME = "checkpoint.pth"
-WEIGHT_FILES = (WEIGHTS_NAME, MAE_WEIGHTS_NAME, "pytorch_model.bin")
 CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
@@ -43,14 +48,15 @@ class WeightsMismatchError(ValueError):
 class Weights:
     """Weights read from one source: ``state`` in our layout (a ViT's keys, or an MAE's ``encoder.*`` + decoder).
 
-    ``layout`` is the layout the source held (``vit``, ``timm``, ``mae``, ``mae_official``); ``record`` says what
-    built the network when the source recorded it.
+    ``layout`` is the layout the source held (``vit``, ``timm``, ``mae``, ``mae_official``, ``hf``); ``record``
+    says what built the network when the source recorded it; ``notes`` name the source's tensors left out.
     """
 
     state: dict[str, torch.Tensor]
     layout: Layout
     source: str
     record: NetworkRecord | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def is_mae(self) -> bool:
@@ -59,23 +65,21 @@ class Weights:
 
 
 def read_weights(source: str | Path | dict[str, Any] | Weights) -> Weights:
-    """Read ``source`` (export folder, run folder, ``.ckpt`` / ``.pth`` / ``.bin`` / ``.safetensors`` or a dict)."""
+    """Read ``source``: a folder with a ``config.json`` (our export, a timm hub folder, a Hugging Face folder), a
+    run folder, a ``.ckpt`` / ``.pth`` / ``.bin`` / ``.safetensors`` file, or a dict."""
     if isinstance(source, Weights):
         return source
     if isinstance(source, dict):
         return _from_object(source, "the given state dict", None)
     path = Path(source)
     if path.is_dir():
-        config = path / CONFIG_NAME
-        if not config.is_file():
-            path = find_checkpoint(path)
-        else:
-            files = [path / n for n in WEIGHT_FILES if (path / n).is_file()]
-            if not files:
-                raise FileNotFoundError(f"{path} has a {CONFIG_NAME} but none of {list(WEIGHT_FILES)}")
-            path = files[0]
-    record = _record_beside(path)
-    return _from_object(read_checkpoint(path), str(path), record)
+        path = weights_file(path) if (path / CONFIG_NAME).is_file() else find_checkpoint(path)
+    config_name = str(path.with_name(CONFIG_NAME))
+    config = read_config(path.parent)
+    weights = _from_object(read_checkpoint(path), str(path), own_record(config, config_name))
+    if weights.record is None and config is not None:
+        weights.record = library_record(config, weights.state, weights.layout, path.parent, config_name)
+    return weights
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -89,6 +93,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no weights at {path}")
+    if path.name.endswith(".index.json"):
+        return {k: v for shard in shard_files(path) for k, v in read_checkpoint(shard).items()}
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -155,12 +161,16 @@ def _from_object(obj: dict[str, Any], name: str, record: NetworkRecord | None) -
     state = _unwrap(obj, name, record.state_prefix if record is not None else "model.")
     if record is not None and record.head.get("kind") == "batchnorm_linear":
         state = fold_batchnorm_head(state, float(record.head["eps"]))
-    layout = detect_layout(state)
+    layout, notes = detect_layout(state), []
     if layout == "timm":
         state = timm_to_vit(state)
     elif layout == "mae_official":
         state = mae_official_to_vit(state)
-    return Weights(state=state, layout=layout, source=name, record=record)
+    elif layout == "hf":
+        state, notes = hf_to_vit(state)
+        for note in notes:
+            log.info("%s: %s", name, note)
+    return Weights(state=state, layout=layout, source=name, record=record, notes=notes)
 
 
 def fold_batchnorm_head(state: dict[str, torch.Tensor], eps: float) -> dict[str, torch.Tensor]:
@@ -194,22 +204,6 @@ def _unwrap(obj: dict[str, Any], name: str, prefix: str) -> dict[str, torch.Tens
     if bad:
         raise WeightsMismatchError(f"{name} is not a state dict: entries {bad[:5]} are not tensors")
     return obj
-
-
-def _record_beside(path: Path) -> NetworkRecord | None:
-    """The record in the ``config.json`` next to a weights file of an export folder, if there is one of ours."""
-    config = path.with_name(CONFIG_NAME)
-    if not config.is_file():
-        return None
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config} is not readable JSON: {e}") from e
-    if isinstance(data, dict) and isinstance(data.get("vitkit"), dict):
-        data = data["vitkit"]  # a hub folder keeps our record under its own key
-    if not isinstance(data, dict) or data.get("architecture") not in ARCHITECTURES:
-        return None  # another library's config.json (a timm or Hugging Face folder)
-    return NetworkRecord.from_dict(data, str(config))
 
 
 def _unpickler_detail(e: Exception) -> str:

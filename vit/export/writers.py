@@ -1,8 +1,9 @@
-"""Writing exports: safetensors + config.json, timm, official MAE, ONNX and torch.export, each verified by re-running.
+"""Writing exports: safetensors + config.json, timm's hub folder, official MAE, ONNX and torch.export, each verified.
 
 ``export_model`` selects the network (an MAE's encoder, with or without the head), builds one per exported
 resolution, hands them to the format's writer, and fails with ``ExportCheckError`` when what a consumer loads
-back (our loader, timm, the MAE layout, onnxruntime, ``torch.export.load``) differs from the source.
+back (our loader, ``timm.create_model("local-dir:...")``, the MAE layout, onnxruntime, ``torch.export.load``)
+differs from the source.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vit.export.config import export_config, normalisation, timm_config
+from vit.export.config import export_config, normalisation
+from vit.export.folder import CONFIG_NAME, MAE_WEIGHTS_NAME, WEIGHTS_NAME
 from vit.export.interop import vit_to_mae_official, vit_to_timm
 from vit.export.load import load_backbone, load_weights, resize_model
-from vit.export.read import CONFIG_NAME, MAE_WEIGHTS_NAME, WEIGHTS_NAME
+from vit.export.timm_hub import hub_config, hub_notes, model_card
 from vit.export.verify import ExportCheckError, ExportReport, check, features_and_head, sample_images
 from vit.layers import to_2tuple
 from vit.models import MaskedAutoencoder, NetworkRecord, VisionTransformer
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "timm", "mae", "onnx", "torch-export")
 WEIGHT_FORMATS = ("safetensors", "timm", "mae")
-TIMM_CONFIG_NAME = "timm_config.json"
+README_NAME = "README.md"  # the model card of a timm hub folder
 # opset 18 is the dynamo exporter's own; asking for 17 adds a version conversion that cannot express an
 # antialiased Resize (position-embedding resampling when it is not constant-folded)
 DEFAULT_OPSET = 18
@@ -79,7 +81,8 @@ def export_model(
     if isinstance(model, VisionTransformer):
         # every size resampled from the source's own grid (the training resolution)
         own = model.patch_embed.img_size
-        models = {size: model if size == own else resize_model(model, size).eval() for size in sizes}
+        models = {size: model if size == own else resize_model(model, size, record.pos_resample).eval()
+                  for size in sizes}
     else:
         models = {sizes[0]: model}
     out.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,9 @@ class _Job:
         """``model``'s own record (as selected and resized) with the source's name, preprocessing and classes."""
         mean, std, _ = normalisation(self.record)
         pre = {**self.record.preprocessing, "mean": mean, "std": std}
-        return NetworkRecord.from_model(model, self.record.name, pre, self.record.class_names)
+        record = NetworkRecord.from_model(model, self.record.name, pre, self.record.class_names)
+        record.pos_resample = self.record.pos_resample
+        return record
 
     def config(self, model: nn.Module, fmt: str, **extra: Any) -> dict[str, Any]:
         return export_config(self.record_of(model), fmt, self.source, **extra)
@@ -141,29 +146,25 @@ def _write_safetensors(job: _Job) -> None:
 
 
 def _write_timm(job: _Job) -> None:
+    """timm's hub layout: config.json (timm's fields, our record under "vitkit"), model.safetensors, README.md."""
     import timm
-    from safetensors.torch import load_file
 
     (size, model), = job.models.items()
     t0 = time.perf_counter()
-    cfg = timm_config(model, job.record_of(model))
-    weights = _save_safetensors(vit_to_timm(model.state_dict()), job.out / WEIGHTS_NAME)
-    job.report.files += [weights, _write_json(job.out / TIMM_CONFIG_NAME, cfg),
-                     _write_json(job.out / CONFIG_NAME, job.config(model, "timm", timm=cfg))]
+    record = job.record_of(model)
+    config = hub_config(model, record, job.config(model, "timm"))
+    job.report.files += [_save_safetensors(vit_to_timm(model.state_dict()), job.out / WEIGHTS_NAME),
+                         _write_json(job.out / CONFIG_NAME, config), job.out / README_NAME]
+    (job.out / README_NAME).write_text(model_card(model, config, record))
     job.report.write_seconds = time.perf_counter() - t0
-    if not cfg["exact"]:
-        job.report.notes.append(f"no timm model name has this architecture; timm_config.json builds it as "
-                            f"{cfg['architecture']} with overrides of {sorted(cfg['model_args'])}")
+    job.report.notes += hub_notes(model)
     t0 = time.perf_counter()
-    ref = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
-    ref.load_state_dict(load_file(str(weights)), strict=True)
-    check(job.report, f"timm load_state_dict(strict) (features, logits) {_fmt(size)}", model, features_and_head(ref),
-          size, source=features_and_head(model))
-    overlay = dict(cfg["pretrained_cfg"], file=str(weights))
-    pre = timm.create_model(cfg["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
-                            **cfg["model_args"]).eval()
-    check(job.report, f"timm pretrained_cfg_overlay (features, logits) {_fmt(size)}", model, features_and_head(pre),
-          size, source=features_and_head(model))
+    ref = timm.create_model(f"local-dir:{job.out}", pretrained=True).eval()
+    check(job.report, f"timm.create_model(local-dir, pretrained) (features, logits) {_fmt(size)}", model,
+          features_and_head(ref), size, source=features_and_head(model))
+    ours = load_backbone(job.out)
+    check(job.report, f"vit.load_backbone (features, logits) {_fmt(size)}", model, features_and_head(ours), size,
+          source=features_and_head(model))
     job.report.check_seconds = time.perf_counter() - t0
 
 

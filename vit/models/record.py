@@ -4,7 +4,8 @@ Training writes it (``checkpoint["vit_network"]``), exports write it into ``conf
 network from it instead of guessing from key names or training hyperparameters. It names the architecture and
 its full constructor arguments, the registry name it came from, the image size and patch grid, the input
 preprocessing (mean/std, crop, interpolation), the class names, and the head's kind when the head is not the
-plain ``Linear`` the arguments build (a linear probe's non-affine BatchNorm + Linear records its eps).
+plain ``Linear`` the arguments build (a linear probe's non-affine BatchNorm + Linear records its eps), and, for
+weights read from another library, how that library resamples the position grid for another image size.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class NetworkRecord:
     crop_pct: float | None = None
     interpolation: str | None = None
     encoder_args: dict[str, Any] | None = None  # an MAE's encoder, so its record also gives a backbone
+    # how the source library resamples the position grid for another image size (Hugging Face ViT: no antialias)
+    pos_resample: dict[str, Any] | None = None
     state_prefix: str = ""  # where the network's keys sit in the file's state dict ("model." in a .ckpt)
     record_version: int = RECORD_VERSION
 
@@ -113,7 +116,7 @@ class NetworkRecord:
             raise ValueError("the MAE record has no 'encoder_args'")
         return NetworkRecord("VisionTransformer", dict(self.encoder_args), None, list(self.img_size),
                              list(self.patch_size), mean=self.mean, std=self.std, crop_pct=self.crop_pct,
-                             interpolation=self.interpolation)
+                             interpolation=self.interpolation, pos_resample=self.pos_resample)
 
     def build(self, **overrides: Any) -> nn.Module:
         """The recorded network with fresh weights; ``overrides`` replace constructor arguments."""

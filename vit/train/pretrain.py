@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from vit.models import MaskedAutoencoder, create_model, model_config
+from vit.train.init_from import load_pretrained_mae
 from vit.train.module import VitModule
 
 
@@ -25,6 +27,9 @@ class MAEPretrainer(VitModule):
         betas: AdamW betas.
         warmup_epochs: linear warmup length (per step), then cosine to ``min_lr_ratio × lr``.
         compile: compile the network in place (``nn.Module.compile``: checkpoints keep the plain key names).
+        init_from: weights to continue pretraining from: an MAE checkpoint of ours, the official MAE, a Hugging
+            Face ViTMAE folder (decoder included), or an encoder alone (the decoder starts fresh); read once in
+            ``configure_model`` (weights restored from ``--ckpt_path`` replace them).
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class MAEPretrainer(VitModule):
         warmup_epochs: float = 40.0,
         min_lr_ratio: float = 0.0,
         compile: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("base_lr", base_lr), ("lr", lr)):
@@ -58,8 +64,16 @@ class MAEPretrainer(VitModule):
             kwargs["img_size"] = img_size
         self.model: MaskedAutoencoder = create_model(model, **kwargs)
         self.mask_ratio = mask_ratio
+        self.init_from = init_from
+        self._weights_ready = False
         if compile:
             self.model.compile()
+
+    def configure_model(self) -> None:
+        """Load ``init_from`` once, before the optimiser is built."""
+        if self.init_from and not self._weights_ready:
+            self._weights_ready = True
+            rank_zero_info(load_pretrained_mae(self.model, self.init_from))
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float | None = None, noise: torch.Tensor | None = None):
         """(loss, pred, mask) of the MAE at this module's mask ratio (or the one given)."""
