@@ -10,15 +10,14 @@ import warnings
 from pathlib import Path
 
 import torch
-from lightning import LightningModule
+from lightning import LightningDataModule, LightningModule
 
-from vit.data import ImageDataModule
 from vit.lightning_cli import ConfigError, VitCLI
 
 __all__ = ["COMMANDS", "ConfigError", "VitCLI", "main"]
 
 # verbs outside LightningCLI: name -> module with ``main(argv) -> int``
-COMMANDS = {"export": "vit.export.command", "bench": "vit.bench", "plan": "vit.plan"}
+COMMANDS = {"export": "vit.export.command", "bench": "vit.bench", "plan": "vit.plan", "data": "vit.data.command"}
 
 log = logging.getLogger("vit")
 
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         VitCLI(
             LightningModule,
-            ImageDataModule,
-            subclass_mode_model=True,
+            LightningDataModule,
             args=argv,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": "vitkit: pretrain, fine-tune, evaluate and use Vision Transformers."},

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from jsonargparse import Namespace
-from lightning import Callback, LightningModule, Trainer
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -41,11 +41,12 @@ class ConfigError(ValueError):
 
 
 class VitCLI(LightningCLI):
-    """LightningCLI over the base config, with the data module fixed, the model chosen by ``class_path``, values
-    linked once and outputs under ``trainer.default_root_dir``."""
+    """LightningCLI over the base config: model and data module chosen by ``class_path`` (data defaults to
+    ``ImageDataModule``), values linked once, outputs under ``trainer.default_root_dir``."""
 
-    def __init__(self, *args: Any, parser_kwargs: dict[str, Any] | None = None, run: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(self, model_class: type[LightningModule] = LightningModule,
+                 datamodule_class: type[LightningDataModule] = LightningDataModule, *,
+                 parser_kwargs: dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> None:
         base = {"default_config_files": [str(BASE_CONFIG)]}
         parser_kwargs = dict(parser_kwargs or {})
         if run:  # the subcommand parsers read the config files; without subcommands the main parser does
@@ -54,10 +55,12 @@ class VitCLI(LightningCLI):
         else:
             parser_kwargs = {**base, **parser_kwargs}
         self.resume_checkpoint: dict[str, Any] | None = None
-        super().__init__(*args, parser_kwargs=parser_kwargs, run=run, **kwargs)
+        # models and data modules are chosen by class_path; the base config names vit.data.ImageDataModule
+        kwargs.update(subclass_mode_model=True, subclass_mode_data=True)
+        super().__init__(model_class, datamodule_class, parser_kwargs=parser_kwargs, run=run, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.img_size", "model.init_args.img_size")
+        parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
         # jsonargparse sets a link into a list of classes on every item with that key: each logger's save_dir. A link
         # target cannot tell a set value from a default (WandbLogger's is "."), so logs always follow the root
         parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir", compute_fn=_log_dir)

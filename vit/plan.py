@@ -196,8 +196,11 @@ class _PlanCLI(VitCLI):
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
         if self._images is not None:
-            self.config["data"]["root"] = None  # not read: no folder checks, no setup
-            self.config["data"]["val_split"] = 0.0
+            data = self.config["data"]["init_args"]
+            if "root" in data:
+                data["root"] = None  # not read: no folder checks, no setup
+            if "val_split" in data:
+                data["val_split"] = 0.0
         init_args = self.config["model"].get("init_args")
         if self._classes is not None and init_args is not None and "num_classes" in init_args:
             init_args["num_classes"] = self._classes
