@@ -162,7 +162,8 @@ def record_of(weights: Weights, net: nn.Module) -> NetworkRecord:
     """The record of ``net`` as built from ``weights``: the source's preprocessing, class names, name and
     position resampling kept."""
     rec = weights.record
-    record = NetworkRecord.from_model(net, name=rec.name if rec else None,
+    same = rec is not None and rec.architecture == type(net).__name__  # an MAE's encoder is not the MAE's name
+    record = NetworkRecord.from_model(net, name=rec.name if same else None,
                                       preprocessing=rec.preprocessing if rec else None,
                                       class_names=rec.class_names if rec else None)
     record.pos_resample = rec.pos_resample if rec else None

@@ -124,7 +124,8 @@ class _Job:
         """``model``'s own record (as selected and resized) with the source's name, preprocessing and classes."""
         mean, std, _ = normalisation(self.record)
         pre = {**self.record.preprocessing, "mean": mean, "std": std}
-        record = NetworkRecord.from_model(model, self.record.name, pre, self.record.class_names)
+        name = self.record.name if self.record.architecture == type(model).__name__ else None  # an MAE's encoder
+        record = NetworkRecord.from_model(model, name, pre, self.record.class_names)
         record.pos_resample = self.record.pos_resample
         return record
 
