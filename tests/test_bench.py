@@ -243,7 +243,75 @@ def test_reference_mae_matches_ours(tiny_mae_args: dict, norm_pix_loss: bool) ->
     assert not torch.allclose(ours(imgs, 0.75, noise)[0], ref(imgs, 0.75, noise)[0], rtol=1e-5, atol=1e-6)
 
 
+ATTENTION_ARGS = ["--attention", "--attention-tokens", "16,64", "--attention-patterns",
+                  "window:4:shift,neighborhood:3,kvpool:2", "--attention-backends", "mask",
+                  "--model", "vit_tiny_patch16_224", "--e2e-size", "64", "--e2e-attention", "window:4*1,dense",
+                  "--model-args", json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})]
+
+
+def test_attention_bench_records_follow_from_its_times(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vit.layers import attention_schedule, density
+
+    out = tmp_path / "attention.json"
+    assert vit.bench.main([*ATTENTION_ARGS, *FAST, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    rows = record["attention"]
+    # every pattern on its own backend and on the oracle, plus dense, at every size and step
+    want = {(p, b, n, s) for n in (16, 64) for s in ("fwd", "fwd+bwd")
+            for p, b in (("dense", "sdpa"), ("window:4:shift", "window"), ("window:4:shift", "mask"),
+                         ("neighborhood:3", "tiles"), ("neighborhood:3", "mask"), ("kvpool:2", "kvpool"),
+                         ("kvpool:2", "mask"))}
+    assert {(r["pattern"], r["backend"], r["tokens"], r["step"]) for r in rows} == want
+    for r in rows:
+        same = (r["tokens"], r["step"])
+        dense = next(d for d in rows if d["pattern"] == "dense" and (d["tokens"], d["step"]) == same)
+        assert r["dense_ms"] == dense["ms"] == pytest.approx(1e3 * statistics.median(dense["seconds"]), rel=1e-12)
+        assert r["ms"] == pytest.approx(1e3 * statistics.median(r["seconds"]), rel=1e-12)
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"], rel=1e-12)  # same step, same run
+        side = int(r["tokens"] ** 0.5)
+        p = attention_schedule(r["pattern"], 2)[1 if r["pattern"].endswith("shift") else 0]
+        assert r["density"] == density(p, (side, side), 1) and (r["density"] == 1) == (r["pattern"] == "dense")
+        assert len(r["seconds"]) == REPEATS and r["auto"] == (r["backend"] != "mask")
+        assert r["build_ms"] >= 0 and isinstance(r["peak_mem"], int)
+    e2e = {(r["attention"], r["step"]): r for r in record["end_to_end"]}
+    assert set(e2e) == {(a, s) for a in ("dense", "window:4*1,dense") for s in ("infer", "train")}
+    for (_, step), r in e2e.items():
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"], rel=1e-12)
+        assert r["flop_speedup"] == e2e["dense", step]["flops"] / r["flops"]
+    assert e2e["window:4*1,dense", "infer"]["flops"] < e2e["dense", "infer"]["flops"]  # density × dense cores
+    assert "end to end (infer)" in record["targets"]
+    table = capsys.readouterr().out
+    assert "neighborhood:3" in table and "targets (fp32, this machine)" in table
+
+
 def _paired(a: dict[str, Any], b: dict[str, Any]) -> float:
     """img/s of row ``a`` over row ``b``, median over the repeats of each repeat's ratio (written out again here)."""
     ratios = sorted((a["batch"] / ta) / (b["batch"] / tb) for ta, tb in zip(a["seconds"], b["seconds"], strict=True))
     return ratios[len(ratios) // 2]
+
+
+def test_bench_data_record_follows_from_its_measurements(tmp_path: Path) -> None:
+    """``vit bench --data``: loader rows per source and worker count, the train step, and cores per GPU from them."""
+    cmd = [sys.executable, "-m", "vit.cli", "bench", "--data", "--model", "mae_vit_tiny_patch16", "--model-args",
+           json.dumps(TINY_MAE), "--batch-size", "4", "--data-images", "8", "--data-workers", "0,1", "--repeats",
+           str(REPEATS), "--warmup", "1", "--min-time", "0", "--threads", "1", "--device", "cpu"]
+    proc, record = _run(cmd, tmp_path / "data.json")
+    data = record["data"]
+    assert {"images", "source_size", "crop", "jpeg_bytes_mean", "batch_size", "rows", "train_step", "gpu",
+            "img_per_s_per_core", "cores_per_gpu", "other_processes_cpu"} <= set(data)
+    assert data["images"] == 8 and data["source_size"] == [500, 375] and data["crop"] == 224
+    assert {(r["source"], r["workers"]) for r in data["rows"]} == {(s, w) for s in ("folder", "shards") for w in (0, 1)}
+    for r in data["rows"]:
+        assert len(r["per_repeat"]) == REPEATS and r["img_per_s"] == statistics.median(r["per_repeat"]) > 0
+    step, gpu = data["train_step"], data["gpu"]
+    mae = vit.create_model("mae_vit_tiny_patch16", **TINY_MAE)
+    assert step["flops_per_img"] == count_flops(lambda: mae(torch.randn(1, 3, 32, 32), 0.75)[0].backward())
+    # off CUDA the GPU's rate is the assumed peak x MFU over the counted FLOPs (defaults: H100 SXM, 40%)
+    assert gpu["img_per_s"] == pytest.approx(989e12 * 0.4 / step["flops_per_img"], rel=1e-12)
+    for src in ("folder", "shards"):
+        best = max(r["img_per_s"] / max(r["workers"], 1) for r in data["rows"] if r["source"] == src)
+        assert data["img_per_s_per_core"][src] == best
+        assert data["cores_per_gpu"][src] == pytest.approx(gpu["img_per_s"] / best, rel=1e-12)
+    table = [line.split()[:3] for line in proc.stdout.splitlines() if re.match(r"(folder|shards) +\d", line)]
+    assert table == [[r["source"], str(r["workers"]), f"{r['img_per_s']:,.1f}"] for r in data["rows"]]
+    assert "CPU cores per GPU to keep up: folder" in proc.stdout

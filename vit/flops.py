@@ -1,7 +1,9 @@
 """FLOP counting shared by ``vit plan`` and ``vit bench``: torch's counter plus fused attention, and closed forms.
 
 Counts are model FLOPs (2 per multiply-add): the backward of attention counts its four gradient matmuls, not the
-scores a fused kernel recomputes, so fused and manual attention count the same on every device.
+scores a fused kernel recomputes, so fused and manual attention count the same on every device. Under an attention
+pattern the core counts as density × dense (the visible query-key pairs), whatever kernel computes it: torch's
+counter raises on flex attention, and restructured kernels also compute padding and halos.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vit.layers import density, use_backend
 from vit.models import MaskedAutoencoder, VisionTransformer
 
 aten = torch.ops.aten
@@ -63,10 +66,26 @@ def sdpa_flop_mapping() -> dict[Any, Callable[..., int]]:
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
-    """Total FLOPs of everything ``fn()`` runs (matmuls, convolutions and attention; 2 FLOPs per MAC)."""
-    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as counter:
+    """Total FLOPs of everything ``fn()`` runs (matmuls, convolutions and attention; 2 FLOPs per MAC).
+
+    Patterned attention cores run as the ``counted`` stand-in (``vit.layers.attention_core``), whose SDPA calls
+    hold exactly the visible pairs: density × dense, forward and backward. Its values are meaningless, which a
+    count does not read.
+    """
+    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as counter, use_backend("counted"):
         fn()
     return counter.get_total_flops()
+
+
+def attention_densities(model: VisionTransformer | MaskedAutoencoder) -> list[tuple[str, float]]:
+    """(pattern, density) of every block at the model's grid: the encoder's, then an MAE decoder's.
+
+    An MAE's encoder sees a random subset of the patches and is dense there (``MaskedAutoencoder``).
+    """
+    encoder = model.encoder if isinstance(model, MaskedAutoencoder) else model
+    grid, P = encoder.grid_size, encoder.num_prefix_tokens
+    blocks = list(encoder.blocks) + (list(model.decoder_blocks) if isinstance(model, MaskedAutoencoder) else [])
+    return [(str(b.attn.pattern), density(b.attn.pattern, grid, P)) for b in blocks]
 
 
 def vit_forward_flops(model: VisionTransformer) -> int:
@@ -79,7 +98,8 @@ def vit_forward_flops(model: VisionTransformer) -> int:
     D, L = model.embed_dim, pe.num_patches
     T = model.num_prefix_tokens + L
     flops = 2 * L * pe.in_chans * pe.patch_size[0] * pe.patch_size[1] * D
-    flops += sum(_block_flops(T, D, blk.mlp.fc1.out_features) for blk in model.blocks)
+    flops += sum(_block_flops(T, D, blk.mlp.fc1.out_features, rho)
+                 for blk, (_, rho) in zip(model.blocks, attention_densities(model), strict=True))
     if model.attn_pool is not None:
         P = model.attn_pool.latent.shape[1]
         S = T if model.pool_include_prefix else L
@@ -93,21 +113,26 @@ def vit_forward_flops(model: VisionTransformer) -> int:
 def mae_forward_flops(mae: MaskedAutoencoder, mask_ratio: float) -> int:
     """Analytical forward FLOPs of one image: all patches embedded, the kept ones encoded, every one decoded.
 
-    Kept patches are ``int(L·(1 − mask_ratio))``, as in ``random_masking``; the loss has no matmuls.
+    Kept patches are ``int(L·(1 − mask_ratio))``, as in ``random_masking``; the loss has no matmuls. Decoder
+    patterns count their density (an encoder pattern runs only at mask ratio 0, over the whole grid).
     """
     enc, pe = mae.encoder, mae.encoder.patch_embed
     D, L, P = enc.embed_dim, pe.num_patches, enc.num_prefix_tokens
     T_keep, Dd = P + int(L * (1 - mask_ratio)), mae.decoder_embed.out_features
+    rho = [r for _, r in attention_densities(mae)]
     flops = 2 * L * pe.in_chans * pe.patch_size[0] * pe.patch_size[1] * D
-    flops += sum(_block_flops(T_keep, D, blk.mlp.fc1.out_features) for blk in enc.blocks)
+    flops += sum(_block_flops(T_keep, D, blk.mlp.fc1.out_features, rho[i] if mask_ratio == 0 else 1.0)
+                 for i, blk in enumerate(enc.blocks))
     flops += 2 * T_keep * D * Dd
-    flops += sum(_block_flops(P + L, Dd, blk.mlp.fc1.out_features) for blk in mae.decoder_blocks)
+    flops += sum(_block_flops(P + L, Dd, blk.mlp.fc1.out_features, r)
+                 for blk, r in zip(mae.decoder_blocks, rho[len(enc.blocks):], strict=True))
     return flops + 2 * (P + L) * Dd * mae.decoder_pred.out_features
 
 
-def _block_flops(T: int, D: int, hidden: int) -> int:
-    """One pre-norm block on T tokens of width D: qkv, scores and weighted sum, projection, two MLP layers."""
-    return 2 * T * D * 3 * D + 2 * T * T * D * 2 + 2 * T * D * D + 2 * 2 * T * D * hidden
+def _block_flops(T: int, D: int, hidden: int, rho: float = 1.0) -> int:
+    """One pre-norm block on T tokens of width D: qkv, scores and weighted sum (``rho`` of dense's), projection,
+    two MLP layers."""
+    return 2 * T * D * 3 * D + round(rho * T * T) * 2 * D * 2 + 2 * T * D * D + 2 * 2 * T * D * hidden
 
 
 def _sdpa_forward_formula(q: Sequence[int], k: Sequence[int], v: Sequence[int], *args: Any, **kwargs: Any) -> int:

@@ -12,9 +12,13 @@ import sys
 
 import torch
 
+from .attention import PATTERNS, bench_attention, e2e_profiles
+from .attention_report import attention_header, core_table, e2e_table, targets, targets_text
 from .cases import bench_mae, bench_vit
+from .loader import add_options as add_data_options
+from .loader import bench_data, format_data
 from .machine import cpu_times, env
-from .profiling import print_profiles
+from .profiling import print_profiles, profile_summary
 from .ratios import mae_ratios, vit_ratios
 from .report import format_table, header, summary_text
 
@@ -23,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``vit bench`` options."""
     p = argparse.ArgumentParser(
         prog="vit bench", description=__doc__.split("\n\n")[0] if __doc__ else None,
-        epilog="Example: vit bench --model vit_small_patch16_224 --batch-size 32 --against timm",
+        epilog="Examples: vit bench --model vit_small_patch16_224 --batch-size 32 --against timm\n"
+               "          vit bench --attention --json attention.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", help="registered name (default vit_small_patch16_224; with --mae mae_vit_small_patch16)")
     p.add_argument("--model-args", type=json.loads, default={}, help="JSON constructor overrides, e.g. '{\"depth\":2}'")
@@ -46,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW implementation in the training step (forloop = torch's CPU default)")
     p.add_argument("--profile", action="store_true", help="print the top ops of one step of each model")
     p.add_argument("--json", dest="json_path", help="write a machine-readable record here")
+    a = p.add_argument_group("attention patterns (--attention)")
+    a.add_argument("--attention", action="store_true",
+                   help="time every attention pattern's core against dense SDPA at 256, 1,024 and 4,096 tokens "
+                        "(and 16,384 on a GPU), fwd and fwd+bwd, and --model (default ViT-S/16) at --e2e-size px "
+                        "dense vs --e2e-attention")
+    a.add_argument("--attention-patterns", type=_csv, default=list(PATTERNS), metavar="P,P,...",
+                   help=f"patterns to time (default {','.join(PATTERNS)})")
+    a.add_argument("--attention-tokens", type=lambda s: [int(t) for t in _csv(s)], metavar="N,N,...",
+                   help="patch counts, each a square grid (default 256,1024,4096; on a GPU also 16384)")
+    a.add_argument("--attention-backends", type=_csv, default=[], metavar="B,B,...",
+                   help="backends to time besides each pattern's own choice, e.g. flex,mask "
+                        "(flex on a CPU: compiled forward only)")
+    a.add_argument("--attention-batch", type=int, default=1, help="images in the core (default 1)")
+    a.add_argument("--e2e-size", type=int, default=1024, help="image size of the end-to-end model (default 1024)")
+    a.add_argument("--e2e-attention", default="window:16*3,dense",
+                   help="the end-to-end model's schedule (default window:16*3,dense: every fourth block dense)")
+    a.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model")
+    add_data_options(p.add_argument_group("loader (--data)"))
     return p
 
 
@@ -69,12 +93,16 @@ def _run(args: argparse.Namespace) -> int:
     if not isinstance(args.model_args, dict):
         return _error("--model-args must be a JSON object")
     args.cpu_start = cpu_times()  # other processes compete for the cores: their share is printed with the figures
+    if args.attention:
+        return _run_attention(args, device)
     args.against = args.against or ("reference" if args.mae else "none")
     if args.against == ("timm" if args.mae else "reference"):
         return _error(f"--against {args.against} needs {'no ' if args.mae else ''}--mae")
     args.dtypes = ["fp32", "bf16"] if args.dtype == "both" else [args.dtype]
     args.compile_modes = [False, True] if args.compile else [False]
     args.peaks = {}
+    if args.data:
+        return _run_data(args, device)
     first = (args.dtypes[0], False)
     try:
         result = bench_mae(args, device) if args.mae else bench_vit(args, device)
@@ -94,6 +122,47 @@ def _run(args: argparse.Namespace) -> int:
                   "rows": [r.record() for r in rows], **summary}
         with open(args.json_path, "w") as f:
             json.dump(record, f, indent=2)
+    return 0
+
+
+def _run_attention(args: argparse.Namespace, device: torch.device) -> int:
+    """``--attention``: the pattern cores and the end-to-end model; table, targets, JSON (list under "attention")."""
+    if args.mae:
+        return _error("--attention times ViT attention; it does not combine with --mae")
+    try:
+        result = bench_attention(args, device)
+    except ValueError as err:
+        return _error(str(err))
+    found = targets(result["attention"], result["end_to_end"], device)
+    print(attention_header(args, device, result["info"]))
+    print(core_table(result["attention"]))
+    print(e2e_table(result["end_to_end"]))
+    print(targets_text(found))
+    if args.profile and not args.no_e2e:
+        print(e2e_profiles(args, device, profile_summary))
+    if args.json_path:
+        config = {k: v for k, v in vars(args).items() if k not in ("peaks", "cpu_start")}
+        record = {"config": config, "env": env(device, args.cpu_start), **result, "targets": found}
+        with open(args.json_path, "w") as f:
+            json.dump(record, f, indent=2)
+    return 0
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _run_data(args: argparse.Namespace, device: torch.device) -> int:
+    """``--data``: the loader benchmark; its record is the JSON's ``data`` key."""
+    try:
+        record = bench_data(args, device)
+    except ValueError as err:
+        return _error(str(err))
+    print(format_data(record))
+    if args.json_path:
+        config = {k: v for k, v in vars(args).items() if k not in ("peaks", "cpu_start")}
+        with open(args.json_path, "w") as f:
+            json.dump({"config": config, "env": env(device, args.cpu_start), "data": record}, f, indent=2)
     return 0
 
 

@@ -1,4 +1,10 @@
-"""Data: albumentations pipelines, ImageFolder data sets, the built-in digits and the LightningDataModule."""
+"""Data: albumentations pipelines, ImageFolder data sets, the built-in digits, litdata shards and the DataModules.
+
+``StreamingDataModule`` and ``optimize_folder`` import litdata, so they load on first use (PEP 562 ``__getattr__``):
+``import vit.data`` stays as fast as before for everything else.
+"""
+
+from typing import Any
 
 from vit.data.builtin import DIGITS_CLASSES, default_cache_dir, prepare_digits
 from vit.data.datamodule import ImageDataModule
@@ -32,6 +38,7 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataset",
     "PredictDataset",
+    "StreamingDataModule",
     "TrainPreset",
     "apply_transform",
     "build_eval_transform",
@@ -40,8 +47,19 @@ __all__ = [
     "default_cache_dir",
     "find_classes",
     "list_images",
+    "optimize_folder",
     "prepare_digits",
     "read_rgb",
     "scan",
     "stratified_split",
 ]
+
+_LAZY = {"StreamingDataModule": "vit.data.streaming", "optimize_folder": "vit.data.optimize"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vit.layers import Attention, DropPath, LayerScale, Mlp
+from vit.layers import Attention, DropPath, LayerScale, Mlp, Pattern
 
 
 class Block(nn.Module):
@@ -22,6 +22,7 @@ class Block(nn.Module):
         proj_drop: dropout after the attention projection and in the Mlp.
         attn_drop: dropout on the attention weights.
         norm_eps: LayerNorm epsilon (timm and MAE: 1e-6; Hugging Face ViT / ViTMAE: 1e-12).
+        pattern: the attention pattern of this block (``vit.layers.patterns``; no parameters of its own).
     """
 
     def __init__(
@@ -38,10 +39,11 @@ class Block(nn.Module):
         act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         norm_eps: float = 1e-6,
+        pattern: str | Pattern = "dense",
     ) -> None:
         super().__init__()
         self.norm1 = norm_layer(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, norm_layer, pattern)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim, eps=norm_eps)
@@ -49,8 +51,8 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, N, C] → [B, N, C]."""
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tokens [B, N, C] → [B, N, C]; ``grid`` is the (h, w) patch grid of the last h·w tokens (for patterns)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), grid=grid)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vit.layers import sincos_2d_pos_embed, to_2tuple
+from vit.layers import AttentionSpec, attention_schedule, sincos_2d_pos_embed, to_2tuple
 from vit.models.block import Block
 from vit.models.vision_transformer import VisionTransformer
 
@@ -20,6 +20,11 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: regress per-patch normalised pixels (mean 0, var 1 in each patch), as the paper's best.
         qkv_bias / qk_norm / reg_tokens: passed to the encoder blocks.
         norm_eps: LayerNorm epsilon of encoder and decoder (MAE: 1e-6; Hugging Face ViTMAE: 1e-12).
+        attention: the encoder's attention pattern (``vit.layers.patterns``). The encoder sees a random subset
+            of the patches, on which spatial windows are not defined: a pattern other than dense runs only at
+            mask ratio 0 and is refused otherwise. Pretrain dense and fine-tune the encoder with a pattern: the
+            weights are the same.
+        decoder_attention: the decoder's pattern or schedule; the decoder sees the full grid, so any pattern.
     """
 
     def __init__(
@@ -39,6 +44,8 @@ class MaskedAutoencoder(nn.Module):
         qk_norm: bool = False,
         reg_tokens: int = 0,
         norm_eps: float = 1e-6,
+        attention: AttentionSpec = "dense",
+        decoder_attention: AttentionSpec = "dense",
     ) -> None:
         super().__init__()
         self.model_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -49,7 +56,7 @@ class MaskedAutoencoder(nn.Module):
         self.encoder = VisionTransformer(
             img_size, patch_size, in_chans, num_classes=0, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, reg_tokens=reg_tokens, pos_embed="sincos",
-            global_pool="token", norm_eps=norm_eps,
+            global_pool="token", norm_eps=norm_eps, attention=attention,
         )
         self.in_chans = in_chans
         self.patch_size = to_2tuple(patch_size)
@@ -62,8 +69,8 @@ class MaskedAutoencoder(nn.Module):
             torch.zeros(1, num_prefix + num_patches, decoder_embed_dim), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=norm_eps)
-             for _ in range(decoder_depth)]
+            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=norm_eps, pattern=p)
+             for p in attention_schedule(decoder_attention, decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size[0] * self.patch_size[1] * in_chans)
@@ -149,6 +156,9 @@ class MaskedAutoencoder(nn.Module):
         """Embed, mask, and encode the visible patches: → latent [B, prefix + L_keep, D], mask, ids_restore."""
         enc = self.encoder
         P = enc.num_prefix_tokens
+        grid = self._encoder_grid(imgs, mask_ratio)
+        if grid is not None:  # a patterned encoder at mask ratio 0: keep the patches in raster order
+            noise = torch.arange(enc.patch_embed.num_patches, device=imgs.device).float().expand(imgs.shape[0], -1)
         x = enc.patch_embed(imgs) + enc.pos_embed[:, P:]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         prefix = []
@@ -159,8 +169,9 @@ class MaskedAutoencoder(nn.Module):
         if prefix:
             prefix_tokens = torch.cat(prefix, dim=1) + enc.pos_embed[:, :P]
             x = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1), x], dim=1)
-        x = enc.norm(enc.blocks(x))
-        return x, mask, ids_restore
+        for blk in enc.blocks:
+            x = blk(x, grid)
+        return enc.norm(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latent [B, prefix + L_keep, D] → pixel predictions for every patch [B, L, ph·pw·C]."""
@@ -172,7 +183,7 @@ class MaskedAutoencoder(nn.Module):
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = torch.cat([x[:, :P], patches], dim=1) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
-            x = blk(x)
+            x = blk(x, self.grid_size)
         return self.decoder_pred(self.decoder_norm(x))[:, P:]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -193,6 +204,19 @@ class MaskedAutoencoder(nn.Module):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def _encoder_grid(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[int, int] | None:
+        """The patch grid a patterned encoder needs (None for a dense one); ValueError when patches are masked."""
+        patterns = [blk.attn.pattern for blk in self.encoder.blocks]
+        if all(p.is_dense for p in patterns):
+            return None
+        if mask_ratio > 0:
+            spelled = self.model_args["attention"]
+            raise ValueError(f"MaskedAutoencoder: attention={spelled!r} cannot run in the encoder at "
+                             f"mask_ratio={mask_ratio:g}: the encoder sees a random subset of the patches, on which "
+                             "the pattern's windows are not defined. Pretrain with attention='dense' (the weights "
+                             "are the same) and fine-tune with the pattern, or use decoder_attention for the decoder")
+        return self.encoder.patch_embed.grid_size_for(tuple(imgs.shape[-2:]))
 
     def reconstruct(self, imgs: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Predicted patches → images [B, C, H, W] in the input's pixel space.

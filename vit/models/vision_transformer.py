@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from timm.data import DEFAULT_CROP_PCT, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from vit.layers import PatchEmbed, resample_pos_embed, sincos_2d_pos_embed
+from vit.layers import AttentionSpec, PatchEmbed, attention_schedule, resample_pos_embed, sincos_2d_pos_embed, to_2tuple
 from vit.models.block import Block
 from vit.models.heads import GLOBAL_POOLS, GlobalPool, MAPHead, pool_tokens
 
@@ -42,6 +44,11 @@ class VisionTransformer(nn.Module):
         dynamic_img_size: accept any image size the patch divides, resampling positions on the fly.
         zero_head_init: initialise the classifier to zero (fine-tuning recipes).
         norm_eps: LayerNorm epsilon of every norm (timm, MAE, DINOv2: 1e-6; Hugging Face ViT / ViTMAE: 1e-12).
+        grad_checkpointing: recompute each block's activations in the backward pass (activation checkpointing:
+            less memory for large models, about a third more compute); ``set_grad_checkpointing`` switches it.
+        attention: the attention pattern of every block, or a per-block schedule (``vit.layers.patterns``):
+            "dense", "window:8", "window:8:shift", "neighborhood:7", "sliding:64", "strided:16", "kvpool:2",
+            "window:14*3,dense" (every fourth block dense). No pattern adds parameters.
     """
 
     def __init__(
@@ -72,6 +79,8 @@ class VisionTransformer(nn.Module):
         dynamic_img_size: bool = False,
         zero_head_init: bool = False,
         norm_eps: float = 1e-6,
+        grad_checkpointing: bool = False,
+        attention: AttentionSpec = "dense",
     ) -> None:
         super().__init__()
         # the constructor arguments, so exports can rebuild the model from config.json alone
@@ -85,6 +94,7 @@ class VisionTransformer(nn.Module):
         self.no_embed_class = no_embed_class
         self.dynamic_img_size = dynamic_img_size
         self.pos_embed_type = pos_embed
+        self.grad_checkpointing = grad_checkpointing
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
         num_patches = self.patch_embed.num_patches
@@ -98,10 +108,11 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
+        patterns = attention_schedule(attention, depth)
         self.blocks = nn.Sequential(
             *[
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_norm, init_values, dpr[i], proj_drop_rate,
-                      attn_drop_rate, norm_eps=norm_eps)
+                      attn_drop_rate, norm_eps=norm_eps, pattern=patterns[i])
                 for i in range(depth)
             ]
         )
@@ -113,6 +124,15 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights(zero_head_init)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=max(self.patch_embed.patch_size))
+                             for i in range(depth)]
+        # timm's data config (timm.data.resolve_model_data_config): ImageNet's until a loader sets the weights' own
+        self.pretrained_cfg: dict[str, Any] = {
+            "input_size": (in_chans, *self.patch_embed.img_size), "fixed_input_size": not dynamic_img_size,
+            "interpolation": "bicubic", "crop_pct": DEFAULT_CROP_PCT, "crop_mode": "center",
+            "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "num_classes": num_classes,
+            "first_conv": "patch_embed.proj", "classifier": "head",
+        }
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -148,6 +168,7 @@ class VisionTransformer(nn.Module):
             self.model_args["global_pool"] = global_pool
         self.num_classes = num_classes
         self.model_args["num_classes"] = num_classes  # the record of what the model is now (exports rebuild it)
+        self.pretrained_cfg["num_classes"] = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -164,6 +185,43 @@ class VisionTransformer(nn.Module):
             "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
         }
 
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name for ``pretrained_cfg``."""
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (timm's API)."""
+        return self.head
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Switch activation checkpointing of the blocks on or off (timm's API; recorded in ``model_args``)."""
+        self.grad_checkpointing = enable
+        self.model_args["grad_checkpointing"] = enable
+
+    def set_input_size(
+        self, img_size: int | tuple[int, int] | None = None, patch_size: int | tuple[int, int] | None = None
+    ) -> None:
+        """Rebuild for another input size in place (timm's API): positions resampled to the new patch grid.
+
+        The patch size stays (a new one would resample the patch projection): another one is a ``ValueError``.
+        """
+        if patch_size is not None and to_2tuple(patch_size) != self.patch_embed.patch_size:
+            raise ValueError(f"set_input_size: changing the patch size ({self.patch_embed.patch_size} -> "
+                             f"{to_2tuple(patch_size)}) is not supported")
+        if img_size is None:
+            return
+        old = self.patch_embed
+        new = PatchEmbed(img_size, old.patch_size, old.in_chans, self.embed_dim, strict_img_size=old.strict_img_size)
+        new.proj = old.proj
+        self.patch_embed = new
+        if self.pos_embed is not None and new.grid_size != old.grid_size:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            resampled = resample_pos_embed(self.pos_embed.detach(), new.grid_size, old.grid_size, prefix)
+            self.pos_embed = nn.Parameter(resampled, requires_grad=self.pos_embed.requires_grad)
+        self.model_args["img_size"] = new.img_size
+        self.pretrained_cfg["input_size"] = (new.in_chans, *new.img_size)
+
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] → patch tokens with prefix tokens and positions [B, prefix + N, D]."""
         grid = self.patch_embed.grid_size_for(tuple(x.shape[-2:]))
@@ -171,7 +229,14 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] → normalised tokens [B, prefix + N, D]."""
-        x = self.blocks(self.prepare_tokens(x))
+        grid = self.patch_embed.grid_size_for(tuple(x.shape[-2:]))  # attention patterns work on the real grid
+        x = self.prepare_tokens(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, grid, use_reentrant=False)
+        else:
+            for blk in self.blocks:
+                x = blk(x, grid)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +276,7 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x)
         outputs = []
         for i, blk in enumerate(self.blocks[: max(indices) + 1]):
-            x = blk(x)
+            x = blk(x, grid)
             if i in indices:
                 outputs.append(self.norm(x) if norm else x)
         prefix = [o[:, : self.num_prefix_tokens] for o in outputs]
@@ -222,6 +287,52 @@ class VisionTransformer(nn.Module):
         if return_prefix_tokens:
             return tuple(zip(outputs, prefix, strict=True))
         return tuple(outputs)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> list | tuple[torch.Tensor, list] | dict[str, Any]:
+        """timm's API for dense-prediction necks: the outputs of the blocks at ``indices``, and the final tokens.
+
+        ``indices``: the last n blocks (int), every block (None) or those listed (negative from the end). Each
+        intermediate is [B, D, H/p, W/p] (``NCHW``) or patch tokens [B, N, D] (``NLC``), passed through the final
+        norm with ``norm``, paired with its prefix tokens [B, prefix, D] with ``return_prefix_tokens``.
+        ``stop_early`` skips the blocks after the last index. Returns ``(final tokens [B, prefix + N, D],
+        intermediates)``, the intermediates alone, or timm's dict (``image_features``, ``image_intermediates``,
+        ``image_intermediates_prefix``). Attention masks (timm's ``attn_mask``, ``is_causal``) are not taken.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = _take_indices(len(self.blocks), indices)
+        grid = self.patch_embed.grid_size_for(tuple(x.shape[-2:]))
+        x = self.prepare_tokens(x)
+        intermediates, recompute = [], self.grad_checkpointing and torch.is_grad_enabled()
+        for i, blk in enumerate(self.blocks[: max(take) + 1] if stop_early else self.blocks):
+            x = checkpoint(blk, x, grid, use_reentrant=False) if recompute else blk(x, grid)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        P = self.num_prefix_tokens
+        prefix = [y[:, :P] for y in intermediates] if P else None
+        intermediates = [y[:, P:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if prefix is not None and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos_embed = self.pos_embed
@@ -242,6 +353,20 @@ class VisionTransformer(nn.Module):
             if pos_embed is not None:
                 x = x + pos_embed
         return self.pos_drop(x)
+
+
+def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Block indices as timm's ``feature_take_indices`` reads them: None all, n the last n, else (negative) indices."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"cannot take the last {indices} of {depth} blocks")
+        return list(range(depth - indices, depth))
+    take = [depth + i if i < 0 else i for i in indices]
+    if not take or any(not 0 <= i < depth for i in take):
+        raise ValueError(f"block indices {list(indices)} are out of range for a model of depth {depth}")
+    return take
 
 
 def _check_args(

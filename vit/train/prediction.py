@@ -1,8 +1,9 @@
 """Prediction output: top-k labels with probabilities (CSV or JSON), and attention maps of a ViT classifier.
 
 Attention maps are recomputed, not read out of the forward pass, so the fused SDPA kernels stay on: a
-forward pre-hook captures each block's normed attention input, and ``Attention.attention_weights`` recomputes
-that block's softmax weights from it. Prefix tokens (class and register tokens) are dropped from every map.
+forward pre-hook captures each block's normed attention input (and patch grid), and ``Attention.attention_weights``
+recomputes that block's softmax weights from it, under the block's attention pattern (keys it does not see weigh
+0). Prefix tokens (class and register tokens) are dropped from every map.
 
 - ``last``: the last block's attention (mean over heads) read out the way the model pools: the class token's
   row for ``token`` pooling; the mean of the patch tokens' rows for ``avg`` pooling (no single token carries
@@ -37,9 +38,10 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor) -> dict[str, 
 
     Each map sums to at most 1 over the patches (prefix tokens take the rest).
     """
-    inputs: list[torch.Tensor] = []
+    inputs: list[tuple[torch.Tensor, tuple[int, int] | None]] = []  # each block's input and patch grid (patterns)
     pooled: list[torch.Tensor] = []
-    hooks = [blk.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for blk in model.blocks]
+    hooks = [blk.attn.register_forward_pre_hook(lambda m, args, kwargs: inputs.append((args[0], kwargs.get("grid"))),
+                                                with_kwargs=True) for blk in model.blocks]
     if model.attn_pool is not None:
         hooks.append(model.attn_pool.register_forward_pre_hook(lambda m, args: pooled.append(args[0])))
     try:
@@ -48,7 +50,8 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor) -> dict[str, 
         for h in hooks:
             h.remove()
     P = model.num_prefix_tokens
-    attn = [blk.attn.attention_weights(x).mean(dim=1) for blk, x in zip(model.blocks, inputs, strict=True)]
+    attn = [blk.attn.attention_weights(x, grid=grid).mean(dim=1)
+            for blk, (x, grid) in zip(model.blocks, inputs, strict=True)]
     B, N, _ = attn[0].shape  # (B, prefix + patches, prefix + patches), averaged over heads
     eye = torch.eye(N, device=images.device, dtype=attn[0].dtype)
     rollout = eye.expand(B, N, N)
