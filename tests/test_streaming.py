@@ -2,7 +2,8 @@
 
 The tiny tree has 3 classes × 8 train and × 2 val PNGs of 12×12 seeded noise, a broken JPEG and a text file. Pixel
 (0, 0) of every image holds its id (red) and class (green), so a batch made with ``aug="none"``, mean 0 and std 1
-says which files it holds. The runs that get killed are real processes (this file run as a script, see the end).
+says which files it holds. Runs are interrupted in this process by raising in a callback, and a real ``vit fit``
+process from the digits shards by SIGKILL; both resume bitwise.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def test_val_split_holds_out_part_of_each_class(tree, tmp_path) -> None:
     assert all(2 <= c <= 3 for c in counts), counts
 
 
+@pytest.mark.slow
 def test_vit_data_optimize_subprocess(tree, tmp_path) -> None:
     out = tmp_path / "shards"
     vit = str(Path(sys.executable).with_name("vit"))
@@ -268,19 +270,72 @@ def test_input_dir_must_hold_shards(tmp_path) -> None:
         _ = StreamingDataModule(str(tmp_path)).num_classes
 
 
-# --- exact resume after SIGKILL (real processes) ----------------------------------------------------------------
+# --- exact resume, in this process (the SIGKILL of a `vit fit` process is tested below) --------------------------
 
 MAX_STEPS = 15  # 6 steps an epoch (24 images, batch 4, 2 workers); last.ckpt every 4 steps and at epoch ends
 
 
-def _script(root: Path, shards_dir: Path, kill_at: int = -1, resume: bool = False) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), str(shards_dir), str(root), str(kill_at),
-            "1" if resume else "0"]
+class _Interrupt(RuntimeError):
+    """Stops a run from a callback, leaving only its checkpoints behind."""
+
+
+class _StopAt(Callback):
+    """Raises before global step ``step``; records the step a run started (or resumed) at."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.first_step = step, None
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.first_step is None:
+            self.first_step = trainer.global_step
+        if trainer.global_step == self.step:
+            raise _Interrupt(f"stopped before step {self.step}")
+
+
+def _fit(shards_dir: Path, root: Path, stop_at: int = -1, resume: bool = False) -> tuple[Trainer, MAEPretrainer]:
+    """MAE pretraining (crops and flips) from shards with two loader workers; ``stop_at`` interrupts it."""
+    torch.manual_seed(0)
+    dm = StreamingDataModule(str(shards_dir), img_size=SIZE, batch_size=4, num_workers=2, task="pretrain", seed=1)
+    model = MAEPretrainer("mae_vit_tiny_patch16", model_kwargs=NET, img_size=SIZE, warmup_epochs=1)
+    callbacks = [ExactResume(seed=0), LastCheckpoint(dirpath=str(root / "ckpt"), every_n_train_steps=4),
+                 _StopAt(stop_at)]
+    trainer = Trainer(default_root_dir=str(root), accelerator="cpu", devices=1, max_steps=MAX_STEPS, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, callbacks=callbacks)
+    trainer.fit(model, dm, ckpt_path="last" if resume else None)
+    return trainer, model
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory) -> tuple[Trainer, MAEPretrainer]:
+    """The uninterrupted run."""
+    return _fit(shards[0], tmp_path_factory.mktemp("straight"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stop_at", "resumes_at"), [(9, 8), (7, 6)], ids=["mid_epoch", "after_epoch_end_save"])
+def test_interrupted_and_resumed_run_ends_bitwise_equal(shards, straight, tmp_path, stop_at, resumes_at) -> None:
+    """Stopped before step 9 it resumes from step 8, mid-epoch 1, and crosses that epoch's end; before step 7 it
+    resumes from the epoch-end save at 6, where Lightning drops the loader state (issue #20550)."""
+    with pytest.raises(_Interrupt):
+        _fit(shards[0], tmp_path, stop_at=stop_at)
+    trainer, resumed = _fit(shards[0], tmp_path, resume=True)
+    assert next(cb for cb in trainer.callbacks if isinstance(cb, _StopAt)).first_step == resumes_at
+    assert straight[0].global_step == trainer.global_step == MAX_STEPS
+    a, b = straight[1].state_dict(), resumed.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"
+    sa, sb = (t.optimizers[0].state_dict()["state"] for t in (straight[0], trainer))
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"AdamW {k} differs after resume"
+
+
+# --- real processes ---------------------------------------------------------------------------------------------
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
-    # one thread, as in _fit_here: the same thread count keeps sums bitwise equal
+    # one thread everywhere, this process included where it compares: the same thread count keeps sums bitwise equal
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     log = open(cwd / "log.txt", "a")  # noqa: SIM115 - the child writes it; closed with the process
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -294,39 +349,9 @@ def _wait(proc: subprocess.Popen, cwd: Path) -> int:
         pytest.fail(f"run in {cwd} did not finish:\n{(cwd / 'log.txt').read_text()[-4000:]}")
 
 
-def _fit_here(shards_dir: Path, root: Path, raise_at: int = -1, resume: bool = False) -> None:
-    """The script's "fit" run in this process, on one thread; ``raise_at`` interrupts it with an exception."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _process_main(str(shards_dir), str(root), "-1", "1" if resume else "0", raise_at)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_sigkill_and_resume_end_bitwise_equal_to_the_uninterrupted_run(shards, tmp_path) -> None:
-    straight, killed, raised = tmp_path / "straight", tmp_path / "killed", tmp_path / "raised"
-    # SIGKILL before step 9: last.ckpt is from step 8, mid-epoch 1; the resumed part crosses the end of epoch 1
-    proc = _run(_script(killed, shards[0], kill_at=9), killed)
-    _fit_here(shards[0], straight)
-    assert _wait(proc, killed) == -signal.SIGKILL, (killed / "log.txt").read_text()[-4000:]
-    proc = _run(_script(killed, shards[0], resume=True), killed)
-    # meanwhile here: stopped before step 7, after the epoch-end save at 6, where Lightning drops the loader state
-    with pytest.raises(_Interrupt):
-        _fit_here(shards[0], raised, raise_at=7)
-    _fit_here(shards[0], raised, resume=True)
-    assert _wait(proc, killed) == 0, (killed / "log.txt").read_text()[-4000:]
-    assert "resumed at global step 8" in (killed / "log.txt").read_text()
-    a = torch.load(straight / "final.pt", weights_only=True)
-    for other in (killed, raised):
-        b = torch.load(other / "final.pt", weights_only=True)
-        assert a["global_step"] == b["global_step"] == MAX_STEPS
-        assert b["first_step"] == {killed: 8, raised: 6}[other]
-        for k in a["state_dict"]:
-            assert torch.equal(a["state_dict"][k], b["state_dict"][k]), f"{other.name}: {k} differs after resume"
-        for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
-            for k in sa:
-                assert torch.equal(sa[k], sb[k]), f"{other.name}: AdamW {k} differs after resume"
+def _tests_on_path() -> dict[str, str]:
+    """PYTHONPATH for a `vit` process that instantiates this file's callbacks by class_path."""
+    return {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 
 # --- DDP: two CPU processes, gloo, through `vit fit` -----------------------------------------------------------
@@ -346,6 +371,7 @@ class RankIds(Callback):
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_ddp_ranks_read_disjoint_samples_and_end_equal(shards, tmp_path) -> None:
     probe = {"class_path": "test_streaming.RankIds", "init_args": {"out": str(tmp_path)}}
@@ -357,8 +383,7 @@ def test_ddp_ranks_read_disjoint_samples_and_end_equal(shards, tmp_path) -> None
            "--data.init_args.batch_size", "4", "--trainer.strategy", "ddp", "--trainer.devices", "2",
            "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
            "--model.init_args.model_kwargs", json.dumps(NET), "--trainer.enable_model_summary", "false"]
-    proc = _run(cmd, tmp_path, {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
-                                                                os.environ.get("PYTHONPATH", "")])})
+    proc = _run(cmd, tmp_path, _tests_on_path())
     assert _wait(proc, tmp_path) == 0, (tmp_path / "log.txt").read_text()[-6000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
@@ -392,13 +417,14 @@ class KillAt(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_vit_fit_streams_shards_and_resumes_bitwise_after_sigkill(digits_shards, tmp_path) -> None:
     shards_dir, straight, killed = digits_shards[0], tmp_path / "straight", tmp_path / "killed"
     killed.mkdir()
     (killed / "kill.yaml").write_text(yaml.safe_dump(
         {"trainer": {"callbacks+": [{"class_path": "test_streaming.KillAt", "init_args": {"step": 11}}]}}))
     vit = str(Path(sys.executable).with_name("vit"))
-    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = _tests_on_path()
     proc = _run([vit, *_cli_args(shards_dir, killed), "--config", str(killed / "kill.yaml")], killed, env)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses run
@@ -420,49 +446,3 @@ def test_vit_fit_streams_shards_and_resumes_bitwise_after_sigkill(digits_shards,
                       strict=True):
         for k in sa:
             assert torch.equal(sa[k], sb[k]), f"AdamW {k} differs after resume"
-
-
-# --- the processes the tests above start ------------------------------------------------------------------------
-
-
-class _Interrupt(RuntimeError):
-    """Stops a run in this process, as SIGKILL stops a subprocess."""
-
-
-class _Probe(Callback):
-    """Kills its own process (SIGKILL) or raises before a step; at the end saves weights and optimizer state."""
-
-    def __init__(self, root: Path, kill_at: int, raise_at: int) -> None:
-        self.root, self.kill_at, self.raise_at = root, kill_at, raise_at
-        self.first_step: int | None = None
-
-    def on_train_batch_start(self, trainer: Trainer, pl_module, batch, batch_idx: int) -> None:
-        if self.first_step is None:
-            self.first_step = trainer.global_step
-            print(f"resumed at global step {self.first_step}", flush=True)
-        if trainer.global_step == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if trainer.global_step == self.raise_at:
-            raise _Interrupt(f"stopped before step {self.raise_at}")
-
-    def on_train_end(self, trainer: Trainer, pl_module) -> None:
-        torch.save({"state_dict": pl_module.state_dict(), "global_step": trainer.global_step,
-                    "optimizer": trainer.optimizers[0].state_dict(), "first_step": self.first_step},
-                   self.root / "final.pt")
-
-
-def _process_main(shards_dir: str, root: str, kill_at: str, resume: str, raise_at: int = -1) -> None:
-    """MAE pretraining (crops and flips) with two loader workers, killed or interrupted before a step."""
-    torch.manual_seed(0)
-    root_p = Path(root)
-    dm = StreamingDataModule(shards_dir, img_size=SIZE, batch_size=4, num_workers=2, task="pretrain", seed=1)
-    model = MAEPretrainer("mae_vit_tiny_patch16", model_kwargs=NET, img_size=SIZE, warmup_epochs=1)
-    callbacks = [ExactResume(seed=0), LastCheckpoint(dirpath=str(root_p / "ckpt"), every_n_train_steps=4),
-                 _Probe(root_p, int(kill_at), raise_at)]
-    trainer = Trainer(default_root_dir=root, accelerator="cpu", devices=1, max_steps=MAX_STEPS, logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1, callbacks=callbacks)
-    trainer.fit(model, dm, ckpt_path="last" if resume == "1" else None)
-
-
-if __name__ == "__main__":
-    _process_main(*sys.argv[1:5])

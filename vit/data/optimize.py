@@ -76,8 +76,8 @@ def optimize_folder(
     roots = _split_roots(src, val_split)
     classes = find_classes(roots["train"])
     out_p = Path(out).expanduser()
-    for split in roots:
-        if (out_p / split).exists() and any((out_p / split).iterdir()):
+    for split in SPLITS:
+        if (out_p / split).is_dir() and any((out_p / split).iterdir()):
             raise ValueError(f"{str(out_p / split)!r} is not empty: remove it or choose another --out")
     listings = {split: _list_split(root, classes, split == "val") for split, root in roots.items()}
     if val_split > 0 and "val" not in roots:

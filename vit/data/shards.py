@@ -7,7 +7,8 @@
 A sample is ``{"index": int, "image": bytes, "label": int, "path": bytes}``: the file's bytes exactly as stored
 (never re-encoded), the class index into ``classes``, and the source path (UTF-8; kept as bytes because litdata
 would read a str naming an existing image file as an image). ``index`` is the file's position in the sorted listing
-of its split's image files (an unreadable one left out keeps its number), so a sample's augmentation seed does not depend on how litdata chunked or ordered the shards.
+of its split's image files (an unreadable one left out keeps its number), so a sample's augmentation seed does not
+depend on how litdata chunked or ordered the shards.
 DIR may be a local folder or any URL litdata streams from (``s3://``, ``gs://``, ``azure://``, ``r2://``, ``hf://``,
 and ``local:/path``, a local folder read through litdata's cache as if it were remote).
 """
