@@ -12,6 +12,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # one digits cache per test session (subprocesses inherit it), never the user's ~/.cache
 os.environ["VIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitkit-test-cache-")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one compute thread each
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # and so do their subprocesses
+    torch.set_num_threads(1)
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)
 TINY_MAE = dict(TINY, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)

@@ -357,7 +357,7 @@ def test_malicious_pickle_is_refused_everywhere(tmp_path: Path, capsys) -> None:
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"pytorch-lightning_version": "2.6.6", "hyper_parameters": {"model": "vit_tiny_patch16_224"},
                 "state_dict": {}, "callbacks": Evil()}, ckpt)
-    assert main([str(ckpt), "--out", str(tmp_path / "out")]) == 1
+    assert main([str(ckpt), "--out", str(tmp_path / "out")]) == 2
     assert "refusing to load" in capsys.readouterr().err
     with pytest.raises(UnsafeCheckpointError, match="would run code"):
         vit.load_backbone(ckpt)
@@ -371,7 +371,7 @@ def test_malicious_pickle_is_refused_everywhere(tmp_path: Path, capsys) -> None:
 
 
 def test_cli_user_errors_are_short(tmp_path: Path, trained: VisionTransformer, capsys) -> None:
-    assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")]) == 1
+    assert main([str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
     assert main([str(tmp_path / "missing.ckpt"), "--format", "tflite", "--out", "o"]) == 2
     assert "invalid choice" in capsys.readouterr().err
@@ -379,10 +379,10 @@ def test_cli_user_errors_are_short(tmp_path: Path, trained: VisionTransformer, c
     record = NetworkRecord.from_model(trained).to_dict()
     record["model_args"]["embed_dim"] = 32  # a record that does not describe the weights
     _lightning_ckpt(wrong, trained, record)
-    assert main([str(wrong), "--out", str(tmp_path / "o")]) == 1
+    assert main([str(wrong), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "wrong.ckpt" in err and "shape conflicts" in err and "pos_embed" in err and "Traceback" not in err
-    assert main([str(wrong), "--out", str(tmp_path / "o"), "--image-size", "30"]) == 1
+    assert main([str(wrong), "--out", str(tmp_path / "o"), "--image-size", "30"]) == 2
 
 
 def test_cli_subprocess_prints_max_differences(tmp_path: Path, run_dir: Path) -> None:

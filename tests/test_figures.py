@@ -15,7 +15,7 @@ from PIL import Image
 from vit.data import ImageDataModule
 from vit.train import MAEPretrainer, ReconstructionPlotter
 from vit.train import reconstruction as reconstruction_module
-from vit.train.figures import DPI, learning_curves_figure, save_learning_curves
+from vit.train.figures import DPI, learning_curves_figure, save_image_grid, save_learning_curves
 from vit.train.reconstruction import MASK_GREY, reconstruction_columns
 
 # A Lightning CSV log: step rows, then per epoch a validation row and a train-epoch row.
@@ -29,17 +29,20 @@ METRICS_CSV = """epoch,step,lr-AdamW,train/loss_epoch,train/loss_step,val/acc1,v
 1,3,,1.75,,,
 2,5,,,,0.75,1.0
 2,5,,1.25,,,
-"""
+2,5,,,,0.75,0.9
+"""  # the last row: epoch 2 validated again (a run killed after it, resumed from before it): the last value counts
 
 
 def test_learning_curves_panels_and_series(tmp_path) -> None:
     csv_path = tmp_path / "metrics.csv"
     csv_path.write_text(METRICS_CSV)
     fig = learning_curves_figure(csv_path)
-    panels = {ax.get_title(): ax for ax in fig.axes}
+    panels = {ax.get_ylabel(): ax for ax in fig.axes}
     assert sorted(panels) == ["acc1", "loss"]  # step-level columns and the lr are not epoch metrics
-    for name, ax in panels.items():
-        assert (ax.get_xlabel(), ax.get_ylabel()) == ("epoch", name)
+    assert panels["loss"].get_title() == "loss, epoch 2: train 1.25, val 0.9"
+    assert panels["acc1"].get_title() == "acc1, epoch 2: val 0.75"
+    for ax in panels.values():
+        assert ax.get_xlabel() == "epoch"
     drawn = {
         (name, line.get_label()): (line.get_xdata().tolist(), line.get_ydata().tolist())
         for name, ax in panels.items()
@@ -47,7 +50,7 @@ def test_learning_curves_panels_and_series(tmp_path) -> None:
     }
     assert drawn == {
         ("loss", "train"): ([0.0, 1.0, 2.0], [2.3, 1.75, 1.25]),
-        ("loss", "val"): ([0.0, 1.0, 2.0], [2.0, 1.25, 1.0]),
+        ("loss", "val"): ([0.0, 1.0, 2.0], [2.0, 1.25, 0.9]),
         ("acc1", "val"): ([0.0, 1.0, 2.0], [0.25, 0.5, 0.75]),
     }
     path = save_learning_curves(csv_path, tmp_path / "out" / "curves.png")
@@ -109,6 +112,13 @@ def test_plotter_writes_the_figure_in_a_short_run(tmp_path, monkeypatch) -> None
         return reconstruction_columns(*args)
 
     monkeypatch.setattr(reconstruction_module, "reconstruction_columns", spy)
+    titles = []
+
+    def grid_spy(*args, **kwargs):
+        titles.append(kwargs.get("title"))
+        return save_image_grid(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruction_module, "save_image_grid", grid_spy)
     dm = ImageDataModule(img_size=8, batch_size=16, task="pretrain", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     net = dict(patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
                decoder_num_heads=2)
@@ -122,6 +132,8 @@ def test_plotter_writes_the_figure_in_a_short_run(tmp_path, monkeypatch) -> None
     assert plotter.last_path == tmp_path / "lightning_logs" / "version_0" / "reconstructions" / "epoch_0000.png"
     with Image.open(plotter.last_path) as png:
         assert png.size == (4 * 2 * DPI, 3 * 2 * DPI)  # 4 columns x 3 images, 2 inches each
+    [title] = titles
+    assert title.startswith("epoch 0, val/loss ") and float(title.rsplit(" ", 1)[1]) > 0
     [(imgs, _, hidden, mean, std)] = seen
     assert imgs.shape == (3, 3, 8, 8) and hidden.shape == (3, 1, 8, 8)
     assert (mean, std) == (dm.preprocessing["mean"], dm.preprocessing["std"])

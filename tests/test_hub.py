@@ -553,8 +553,8 @@ def test_continue_hf_mae_pretraining_then_finetune_and_export(tmp_path: Path, mo
                 "1e-3", "--model.init_args.warmup_epochs", "0", "--trainer.default_root_dir", "mae"]
     # perturbation: the recipe's LayerNorm eps is not the one the weights were trained with
     wrong = {**MAE_KWARGS, "norm_eps": 1e-6}
-    with pytest.raises(ValueError, match="records LayerNorm eps 1e-12"):
-        main([*mae_args, "--model.init_args.model_kwargs", json.dumps(wrong)])
+    with pytest.raises(ValueError, match="records LayerNorm eps 1e-12"):  # --debug: raised, not one line
+        main([*mae_args, "--model.init_args.model_kwargs", json.dumps(wrong), "--debug"])
     assert main([*mae_args, "--model.init_args.model_kwargs", json.dumps(MAE_KWARGS)]) == 0
     ckpt = torch.load(tmp_path / "mae" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["vit_network"]["mean"] == [0.5, 0.5, 0.5]  # the folder's preprocessing, recorded

@@ -21,7 +21,7 @@ ALLOWED = {
     "vit.models": ({"vit.layers"}, ("lightning", "albumentations", "safetensors", "wandb", "matplotlib")),
     "vit.export": ({"vit.layers", "vit.models"}, ("lightning", "albumentations", "wandb", "matplotlib")),
     "vit.data": (set(), ("vit.models", "wandb")),
-    "vit.train": ({"vit.layers", "vit.models", "vit.export", "vit.data"}, ()),
+    "vit.train": ({"vit.layers", "vit.models", "vit.export", "vit.data", "vit.flops"}, ()),
 }
 
 
@@ -64,7 +64,7 @@ def test_imports_point_one_way() -> None:
         imported = _imports(name, path)
         for dep in _ours(imported, modules):
             dep_package = ".".join(dep.split(".")[:2])
-            if dep_package not in may | {package, "vit.version"}:
+            if dep_package not in may | {package, "vit.version", "vit.errors"}:  # errors: every layer raises them
                 problems.append(f"{name} imports {dep}")
         problems += [f"{name} imports {m}" for m in imported if m.split(".")[0] in never or m in never]
     assert not problems, "\n".join(sorted(problems))

@@ -3,13 +3,16 @@ function still does what its callers rely on. A failure names the attribute and 
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import lightning
 import pytest
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vit.train.lightning_private import (
@@ -23,6 +26,10 @@ from vit.train.lightning_private import (
 OWNERS = {
     "trainer.fit_loop": lambda: Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False).fit_loop,
     "ModelCheckpoint": lambda: ModelCheckpoint(),
+    "ThroughputMonitor": lambda: ThroughputMonitor(batch_size_fn=len),
+    "ModelSummary": lambda: ModelSummary(),
+    "CSVLogger": lambda: CSVLogger(tempfile.mkdtemp()),
+    "ExperimentWriter": lambda: ExperimentWriter(tempfile.mkdtemp()),
 }
 
 

@@ -101,3 +101,16 @@ def test_plan_reports_bad_configs_by_name(tmp_path, monkeypatch, caplog, args, m
     caplog.set_level(logging.ERROR)
     assert main(["--config", str(MAE_TINY), *args]) == 2
     assert message in caplog.text
+
+
+def test_plan_help_shows_its_own_options_and_usage() -> None:
+    """`vit plan --help`: its usage line and own options, without importing torch or Lightning to say so."""
+    code = ("import sys; from vit.plan import main; assert main(['--config', 'x.yaml', '--help']) == 0; "
+            "assert 'lightning' not in sys.modules and 'torch' not in sys.modules, 'imported for --help'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("usage: vit plan --config RECIPE [--images N] [--classes K]")
+    own = [line.split()[0] for line in lines if line.startswith("  -")]
+    assert own == ["-h,", "--images", "--classes"]
+    assert "vit fit --help" in done.stdout

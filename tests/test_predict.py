@@ -17,6 +17,7 @@ from PIL import Image
 
 from vit.cli import VitCLI
 from vit.data import ImageDataModule
+from vit.errors import BadInputError
 from vit.layers import Attention
 from vit.models import VisionTransformer
 from vit.train import ImageClassifier, PredictionWriter, attention_maps
@@ -123,8 +124,11 @@ def test_cli_predict_subprocess_writes_csv_with_training_class_names(images: Pat
     env = {**os.environ, "WANDB_MODE": "offline"}
     vit = Path(sys.executable).with_name("vit")
     done = subprocess.run([str(vit), "predict", "--config", recipe, "--ckpt_path", str(ckpt), "--data.predict_paths",
-                           str(images)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           str(images), "--trainer.callbacks.attention_maps", "true"],  # the README's switch
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    attention = sorted((tmp_path / "runs/finetune_tiny_digits/attention").glob("*.png"))
+    assert len(attention) == len(MODES), attention
     out = tmp_path / "runs/finetune_tiny_digits/predictions.csv"
     assert "wrote top-3 predictions of 5 image(s)" in done.stderr + done.stdout
     with open(out, newline="") as f:
@@ -133,3 +137,14 @@ def test_cli_predict_subprocess_writes_csv_with_training_class_names(images: Pat
     assert sorted(Path(r["path"]).name for r in rows) == sorted(f"img_{m.lower()}.png" for m in MODES)
     assert all(r[f"label_{j}"] in [str(d) for d in range(10)] for r in rows for j in (1, 2, 3))
     assert all(float(r["prob_1"]) >= float(r["prob_2"]) >= float(r["prob_3"]) for r in rows)
+
+
+def test_a_second_writer_of_the_same_file_is_refused(images: Path, tmp_path: Path) -> None:
+    """Two writers (the recipe's and one added on the command line) would overwrite each other's predictions.csv."""
+    clf = ImageClassifier("vit_tiny_patch16_224", {k: v for k, v in TINY.items() if k != "img_size"}, img_size=32,
+                          num_classes=4)
+    trainer = L.Trainer(callbacks=[PredictionWriter(), PredictionWriter(attention_maps=True)], logger=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path)
+    with pytest.raises(BadInputError, match="two PredictionWriter callbacks would both write .*predictions.csv"):
+        trainer.predict(clf, datamodule=ImageDataModule(img_size=32, batch_size=2, predict_paths=str(images)))
+    assert not (tmp_path / "predictions.csv").exists()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.model_summary.model_summary import get_human_readable_count
 
+from vit.flops import mae_forward_flops
 from vit.models import RECORD_KEY, MaskedAutoencoder
 from vit.train import MAEPretrainer
 from vit.train.optim import build_optimizer, build_scheduler
@@ -131,3 +135,24 @@ def test_a_compiled_run_loads_into_an_uncompiled_config(tmp_path, monkeypatch) -
     noise = torch.rand(2, 64)
     with torch.no_grad():
         torch.testing.assert_close(plain(x, noise=noise)[0], compiled(x, noise=noise)[0])
+
+
+def test_a_short_fit_logs_throughput_and_data_wait_and_summarises_flops(tmp_path, capsys) -> None:
+    """img/s, TFLOP/s and the data-wait fraction reach metrics.csv; the model summary shows our FLOP count."""
+    module = MAEPretrainer(model="mae_vit_tiny_patch16", model_kwargs=TINY_KWARGS, img_size=32, warmup_epochs=0)
+    trainer = L.Trainer(max_steps=4, logger=CSVLogger(tmp_path, name=""), enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path, limit_val_batches=0,
+                        log_every_n_steps=2)
+    trainer.fit(module, torch.utils.data.DataLoader(_Images(), batch_size=8))
+    flops = mae_forward_flops(module.model, 0.75)
+    assert module.forward_flops_per_image() == flops > 0
+    # Lightning's (rich) summary table, printed to stdout, with our count in it
+    assert f"Total FLOPs: {get_human_readable_count(flops)}" in capsys.readouterr().out
+    rows = list(csv.DictReader((tmp_path / "version_0" / "metrics.csv").open()))
+    rates = [float(r["train/device/samples_per_sec"]) for r in rows if r.get("train/device/samples_per_sec")]
+    tflops = [float(r["train/device/flops_per_sec"]) for r in rows if r.get("train/device/flops_per_sec")]
+    waits = [float(r["train/data_wait"]) for r in rows if r.get("train/data_wait")]
+    assert rates and all(x > 0 for x in rates)
+    # a training step is 3 forwards of each of its 8 images: FLOP/s over img/s is 3 x the forward count
+    assert tflops[-1] / rates[-1] == pytest.approx(3 * flops, rel=1e-6)
+    assert len(waits) == 2 and all(0 <= w < 1 for w in waits)  # logged every 2 of the 4 steps

@@ -111,7 +111,7 @@ def vit_forward_flops(model: VisionTransformer) -> int:
 
 
 def mae_forward_flops(mae: MaskedAutoencoder, mask_ratio: float) -> int:
-    """Analytical forward FLOPs of one image: all patches embedded, the kept ones encoded, every one decoded.
+    """Analytical forward FLOPs of one image: the kept patches embedded and encoded, every one decoded.
 
     Kept patches are ``int(L·(1 − mask_ratio))``, as in ``random_masking``; the loss has no matmuls. Decoder
     patterns count their density (an encoder pattern runs only at mask ratio 0, over the whole grid).
@@ -120,13 +120,13 @@ def mae_forward_flops(mae: MaskedAutoencoder, mask_ratio: float) -> int:
     D, L, P = enc.embed_dim, pe.num_patches, enc.num_prefix_tokens
     T_keep, Dd = P + int(L * (1 - mask_ratio)), mae.decoder_embed.out_features
     rho = [r for _, r in attention_densities(mae)]
-    flops = 2 * L * pe.in_chans * pe.patch_size[0] * pe.patch_size[1] * D
+    flops = 2 * (T_keep - P) * pe.in_chans * pe.patch_size[0] * pe.patch_size[1] * D
     flops += sum(_block_flops(T_keep, D, blk.mlp.fc1.out_features, rho[i] if mask_ratio == 0 else 1.0)
                  for i, blk in enumerate(enc.blocks))
     flops += 2 * T_keep * D * Dd
     flops += sum(_block_flops(P + L, Dd, blk.mlp.fc1.out_features, r)
                  for blk, r in zip(mae.decoder_blocks, rho[len(enc.blocks):], strict=True))
-    return flops + 2 * (P + L) * Dd * mae.decoder_pred.out_features
+    return flops + 2 * L * Dd * mae.decoder_pred.out_features
 
 
 def _block_flops(T: int, D: int, hidden: int, rho: float = 1.0) -> int:

@@ -8,26 +8,27 @@ the meta device (no memory, no init cost, so ViT-H plans on a laptop); no Traine
 on a CPU. The data module is set up to count the training images, unless ``--images N`` gives the count and the
 data is not read (e.g. ImageNet-1k's 1,281,167 where it is not at hand). ``--classes K`` then sets the head of a
 classifier whose ``num_classes`` comes from the data.
+
+torch, Lightning and the models are imported when a plan is made, not with this module, so ``vit plan --help``
+answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning import LightningModule
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from lightning import LightningModule
+    from torch import nn
 
-from vit.data import ImageDataModule
-from vit.flops import attention_densities, count_flops
-from vit.lightning_cli import ConfigError, VitCLI
-from vit.models import MaskedAutoencoder, VisionTransformer
-from vit.train.schedule import effective_batch_size, optimizer_steps_per_epoch, scaled_lr, warmup_steps
+    from vit.data import ImageDataModule
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,13 @@ IMAGES = 2
 
 def main(argv: list[str]) -> int:
     """Entry point of ``vit plan``; returns the exit status."""
-    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    own.add_argument("--images", type=int, default=None)
-    own.add_argument("--classes", type=int, default=None)
+    own = _own_parser()
+    if any(a in ("-h", "--help") for a in argv):
+        print(own.format_help())
+        return 0
     opts, rest = own.parse_known_args(argv)
+    from vit.lightning_cli import ConfigError
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for pattern in (".*LightningCLI's args parameter.*", ".*'set_vital' is deprecated.*"):
         warnings.filterwarnings("ignore", message=pattern)  # plan passes its own args; third-party noise
@@ -56,9 +60,16 @@ def main(argv: list[str]) -> int:
 
 def make_plan(args: list[str], images: int | None = None, classes: int | None = None) -> dict[str, Any]:
     """Parse ``args`` as ``vit fit`` would (without the ``fit``), build everything but the Trainer, and measure."""
+    from lightning import LightningModule
+
+    from vit.data import ImageDataModule
+    from vit.flops import attention_densities, count_flops
+    from vit.models import MaskedAutoencoder, VisionTransformer
+    from vit.train.schedule import effective_batch_size, optimizer_steps_per_epoch, scaled_lr, warmup_steps
+
     if images is not None and images <= 0:
         raise ValueError(f"--images must be positive, got {images}")
-    cli = _PlanCLI(LightningModule, ImageDataModule, subclass_mode_model=True, run=False, args=args,
+    cli = _plan_cli()(LightningModule, ImageDataModule, subclass_mode_model=True, run=False, args=args,
                    images=images, classes=classes,
                    parser_kwargs={"description": "vit plan: validate a config and print its run's numbers. "
                                                  "Own options: --images N (training images; data not read), "
@@ -142,6 +153,8 @@ def make_plan(args: list[str], images: int | None = None, classes: int | None = 
 
 def format_plan(plan: dict[str, Any]) -> str:
     """The plan as an aligned two-column table."""
+    from vit.train.schedule import scaled_lr
+
     rows = [("config", ", ".join(plan["config"]) or "(command line)")]
     shape = ""
     if "patches" in plan:
@@ -186,37 +199,65 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + "\n  (plan only: nothing was trained or written)"
 
 
-class _PlanCLI(VitCLI):
-    """VitCLI that builds the model on the meta device and no Trainer; ``--images`` leaves the data unread."""
+def _own_parser() -> argparse.ArgumentParser:
+    """``vit plan``'s own options; everything else is a ``vit fit`` option."""
+    parser = argparse.ArgumentParser(
+        prog="vit plan", allow_abbrev=False, add_help=False,
+        usage="vit plan --config RECIPE [--images N] [--classes K] [any vit fit option, e.g. --trainer.devices 8]",
+        description="Validate a recipe and print what its run would do (parameters, FLOPs, batch, lr, steps, "
+                    "warmup, memory per device), without training or writing anything.",
+        epilog="Every `vit fit` option is accepted as well (--config, --trainer.*, --model.*, --data.*), with the "
+               "same checks and errors; `vit fit --help` lists them.")
+    parser.add_argument("-h", "--help", action="store_true", help="show this message and exit")
+    parser.add_argument("--images", type=int, default=None, metavar="N",
+                        help="the number of training images; the data is not read (e.g. 1281167 for ImageNet-1k)")
+    parser.add_argument("--classes", type=int, default=None, metavar="K",
+                        help="the classifier's classes when the data is not read (its num_classes comes from it)")
+    return parser
 
-    def __init__(self, *args: Any, images: int | None = None, classes: int | None = None, **kwargs: Any) -> None:
-        self._images, self._classes = images, classes
-        super().__init__(*args, **kwargs)
 
-    def before_instantiate_classes(self) -> None:
-        super().before_instantiate_classes()
-        if self._images is not None:
-            data = self.config["data"]["init_args"]
-            if "root" in data:
-                data["root"] = None  # not read: no folder checks, no setup
-            if "val_split" in data:
-                data["val_split"] = 0.0
-        init_args = self.config["model"].get("init_args")
-        if self._classes is not None and init_args is not None and "num_classes" in init_args:
-            init_args["num_classes"] = self._classes
+@functools.cache
+def _plan_cli() -> type:
+    """``_PlanCLI``, defined on first use (it derives from ``VitCLI``, which needs Lightning)."""
+    import torch
 
-    def instantiate_classes(self) -> None:
-        with torch.device("meta"):
-            super().instantiate_classes()
+    from vit.lightning_cli import VitCLI
 
-    def instantiate_trainer(self, **kwargs: Any) -> None:
-        return None
+    class _PlanCLI(VitCLI):
+        """VitCLI that builds the model on the meta device and no Trainer; ``--images`` leaves the data unread."""
+
+        def __init__(self, *args: Any, images: int | None = None, classes: int | None = None, **kwargs: Any) -> None:
+            self._images, self._classes = images, classes
+            super().__init__(*args, **kwargs)
+
+        def before_instantiate_classes(self) -> None:
+            super().before_instantiate_classes()
+            if self._images is not None:
+                data = self.config["data"]["init_args"]
+                if "root" in data:
+                    data["root"] = None  # not read: no folder checks, no setup
+                if "val_split" in data:
+                    data["val_split"] = 0.0
+            init_args = self.config["model"].get("init_args")
+            if self._classes is not None and init_args is not None and "num_classes" in init_args:
+                init_args["num_classes"] = self._classes
+
+        def instantiate_classes(self) -> None:
+            with torch.device("meta"):
+                super().instantiate_classes()
+
+        def instantiate_trainer(self, **kwargs: Any) -> None:
+            return None
+
+    return _PlanCLI
 
 
 def _build_network(model: LightningModule, dm: ImageDataModule) -> None:
     """Build a classifier's network for the data's classes on the meta device, as ``configure_model`` would."""
     if not hasattr(model, "build_network") or getattr(model, "model", None) is not None:
         return
+    import torch
+
     num_classes = getattr(dm, "num_classes", 0)
     if not num_classes:
         raise ValueError("the classifier's num_classes comes from the data, which is not read: pass --classes K")
@@ -225,6 +266,10 @@ def _build_network(model: LightningModule, dm: ImageDataModule) -> None:
 
 
 def _forward_fn(net: nn.Module, plan: dict[str, Any], mask_ratio: float | None) -> Callable[[], Any]:
+    import torch
+
+    from vit.models import MaskedAutoencoder
+
     h, w = plan.get("img_size", (224, 224))
     x = torch.empty(IMAGES, plan.get("in_chans", 3), h, w, device="meta")
     net.train()
@@ -240,6 +285,8 @@ def _scalar(out: Any) -> torch.Tensor:
 
 def _saved_activation_bytes(fn: Callable[[], Any], params: list[nn.Parameter]) -> int:
     """Bytes of the tensors autograd keeps for backward during ``fn()``, parameters and their views excluded."""
+    import torch
+
     param_ids = {id(p) for p in params}
     seen: dict[int, torch.Tensor] = {}
 
@@ -265,6 +312,8 @@ def _num_devices(tcfg: Any) -> int:
     if isinstance(devices, int) and devices > 0:
         return devices
     # "auto" / -1: every visible GPU for a GPU run, one process on a CPU (as Lightning does)
+    import torch
+
     if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         return torch.cuda.device_count()
     return 1

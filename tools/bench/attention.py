@@ -78,7 +78,7 @@ def _core(args: argparse.Namespace, device: torch.device, tokens: int, heads: in
         labels = [f"{n} [{b}] {tokens} tokens {step}" for n, b, _ in cases]
         times = time_interleaved(fns, device, args.warmup, args.repeats, args.min_time, labels)
         mems = [peak_memory(fn, device) for fn in fns]
-        builds = [_build_ms(p, backend, grid, P, heads, device) for _, backend, p in cases]  # leaves caches warm
+        builds = [_build_ms(p, backend, grid, P, device) for _, backend, p in cases]  # leaves caches warm
         dense_s = times[0].times
         for (spelled, backend, p), m, mem, build in zip(cases, times, mems, builds, strict=True):
             out.append({"pattern": spelled, "backend": backend, "auto": backend == choose_backend(p, qkv[0]),
@@ -165,10 +165,10 @@ def _core_fn(qkv: list[torch.Tensor], grad: torch.Tensor, p: Any, grid: tuple[in
     return fwd_bwd
 
 
-def _build_ms(p: Any, backend: str, grid: tuple[int, int], P: int, heads: int, device: torch.device) -> float:
+def _build_ms(p: Any, backend: str, grid: tuple[int, int], P: int, device: torch.device) -> float:
     """Milliseconds to build the cached tables (or flex block mask) ``backend`` needs for ``p`` on ``grid``."""
-    builders = {"window": lambda: window_tables(p, grid, P, heads, device),
-                "tiles": lambda: tile_tables(p, grid, P, heads, device),
+    builders = {"window": lambda: window_tables(p, grid, P, device),
+                "tiles": lambda: tile_tables(p, grid, P, device),
                 "strided": lambda: strided_tables(p.size, grid[0] * grid[1], device),
                 "mask": lambda: oracle_mask(p, grid, P, device),
                 "flex": lambda: block_mask(p, grid, P, P + grid[0] * grid[1], device)}

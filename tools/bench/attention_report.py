@@ -77,7 +77,11 @@ def targets_text(found: dict[str, Any]) -> str:
         return ""
     lines = ["", "targets (fp32, this machine):"]
     for what, t in found.items():
-        extra = f" [{t['pattern']} on {t['backend']}]" if "pattern" in t else f" (FLOP bound {t['flop_speedup']:.2f}x)"
+        if "pattern" in t:
+            extra = f" [{t['pattern']} on {t['backend']}]"
+        else:  # the dense blocks, projections and MLPs bound what a schedule can save
+            bound = t["flop_speedup"]
+            extra = f" (FLOP bound {bound:.2f}x{': the target is above it' if t['target'] > bound else ''})"
         lines.append(f"  {what:32s} {t['speedup']:6.2f}x  target >= {t['target']:g}x: "
                      f"{'met' if t['met'] else 'NOT met'}{extra}")
     return "\n".join(lines)

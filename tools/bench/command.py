@@ -15,6 +15,8 @@ import torch
 from .attention import PATTERNS, bench_attention, e2e_profiles
 from .attention_report import attention_header, core_table, e2e_table, targets, targets_text
 from .cases import bench_mae, bench_vit
+from .deploy import add_options as add_deploy_options
+from .deploy import bench_deploy, format_deploy
 from .loader import add_options as add_data_options
 from .loader import bench_data, format_data
 from .machine import cpu_times, env
@@ -70,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the end-to-end model's schedule (default window:16*3,dense: every fourth block dense)")
     a.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model")
     add_data_options(p.add_argument_group("loader (--data)"))
+    add_deploy_options(p.add_argument_group("deployment formats (--deploy)"))
     return p
 
 
@@ -95,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
     args.cpu_start = cpu_times()  # other processes compete for the cores: their share is printed with the figures
     if args.attention:
         return _run_attention(args, device)
+    if args.deploy:
+        return _run_deploy(args, device)
     args.against = args.against or ("reference" if args.mae else "none")
     if args.against == ("timm" if args.mae else "reference"):
         return _error(f"--against {args.against} needs {'no ' if args.mae else ''}--mae")
@@ -163,6 +168,26 @@ def _run_data(args: argparse.Namespace, device: torch.device) -> int:
         config = {k: v for k, v in vars(args).items() if k not in ("peaks", "cpu_start")}
         with open(args.json_path, "w") as f:
             json.dump({"config": config, "env": env(device, args.cpu_start), "data": record}, f, indent=2)
+    return 0
+
+
+def _run_deploy(args: argparse.Namespace, device: torch.device) -> int:
+    """``--deploy``: every deployment format against timm eager; records under "deploy", keys ``deploy.*``."""
+    if args.mae:
+        return _error("--deploy times inference of backbones; it does not combine with --mae")
+    try:
+        result = bench_deploy(args, device)
+    except ValueError as err:
+        return _error(str(err))
+    e = env(device, args.cpu_start)
+    print(f"vit bench --deploy: {e['device_name']}, {e['threads']} threads, torch {e['torch']}; medians of "
+          f"{args.repeats} interleaved repeats (ratios: median of per-repeat ratios); other processes kept "
+          f"{100 * e['other_processes_cpu']:.0f}% of the CPUs busy")
+    print(format_deploy(result))
+    if args.json_path:
+        config = {k: v for k, v in vars(args).items() if k not in ("peaks", "cpu_start")}
+        with open(args.json_path, "w") as f:
+            json.dump({"config": config, "env": e, **result}, f, indent=2)
     return 0
 
 

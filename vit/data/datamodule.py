@@ -5,6 +5,9 @@ Your own data: point `root` at a folder laid out as either
     root/train/<class>/<image>  and  root/val/<class>/<image>    (folder names set by train_dir / val_dir)
     root/<class>/<image>                                         (held-out val: val_split, e.g. 0.1)
 
+For MAE pretraining (task "pretrain") a folder may also hold the images themselves, without class folders
+(root/<image>, or root/train/<image> and root/val/<image>): one unlabelled set; classification needs classes.
+
 Class names are the sorted sub-folder names of the train folder; every one needs at least one image.
 With `root` unset the built-in digits are written once under the cache directory (see vit.data.builtin).
 In YAML:
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -40,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vit.data.builtin import DIGITS_CLASSES, prepare_digits
-from vit.data.datasets import ImageFolderDataset, PredictDataset, find_classes, scan
+from vit.data.datasets import ImageFolderDataset, PredictDataset, UnreadableImagesError, find_classes, scan
 from vit.data.sampler import EpochSeededSampler
 from vit.data.split import stratified_split
 from vit.data.transforms import (
@@ -52,6 +56,7 @@ from vit.data.transforms import (
 )
 
 log = logging.getLogger(__name__)
+_MAX_NAMED = 10  # unreadable files a scan error names; the warning before it lists all
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -114,7 +119,8 @@ class ImageDataModule(L.LightningDataModule):
         if preprocessing_from is not None:
             self.hparams.update(_folder_preprocessing(preprocessing_from, self.img_size))
         self.train_root, self.val_root = _resolve_layout(root, train_dir, val_dir, val_split)
-        self._class_names = list(DIGITS_CLASSES) if root is None else find_classes(self.train_root)
+        flat = task == "pretrain"  # MAE needs no labels: a flat folder of images is one unlabelled set
+        self._class_names = list(DIGITS_CLASSES) if root is None else find_classes(self.train_root, allow_flat=flat)
         self.train_dataset: ImageFolderDataset | None = None
         self.val_dataset: ImageFolderDataset | None = None
         self.predict_dataset: PredictDataset | None = None
@@ -144,18 +150,29 @@ class ImageDataModule(L.LightningDataModule):
         """Unreadable images skipped so far (``on_bad_image: skip``), train and val together, all workers."""
         return sum(ds.num_skipped for ds in (self.train_dataset, self.val_dataset) if ds is not None)
 
+    def skipped_flags(self) -> np.ndarray:
+        """1 per skipped unreadable file, 0 per other, over train then val samples: ranks OR these to count once."""
+        sets = [ds.skipped_flags() for ds in (self.train_dataset, self.val_dataset) if ds is not None]
+        return np.concatenate(sets) if sets else np.zeros(0, np.uint8)
+
     def prepare_data(self) -> None:
-        """Write the built-in digits once (Lightning calls this on one process per node)."""
+        """Write the built-in digits once, or check an own folder: list its classes and files (and with ``scan``
+        decode every one), so bad data stops the run before it writes anything. Lightning calls this on one process
+        per node, before its loggers make their folders; ``setup`` reuses the data sets built here."""
+        stage = self.trainer.state.fn if self.trainer is not None else None
         if self.hparams.root is None:
             prepare_digits(self.img_size, self.hparams.cache_dir)
+        elif self.train_dataset is None and self._needs_folders(stage):
+            self._build_folder_datasets(scan=self.hparams.scan)
 
     def setup(self, stage: str | None = None) -> None:
         """Build the data sets the stage needs; safe to call more than once and in every process."""
         if self.hparams.root is None and self.train_root is None:
             self.train_root = prepare_digits(self.img_size, self.hparams.cache_dir) / "train"
             self.val_root = self.train_root.parent / "val"
-        if self.train_dataset is None and (stage != "predict" or self.hparams.predict_paths is None):
-            self._build_folder_datasets()
+        if self.train_dataset is None and self._needs_folders(stage):
+            # under a Trainer, prepare_data scanned an own folder already (once per node)
+            self._build_folder_datasets(scan=self.hparams.scan and (self.trainer is None or self.hparams.root is None))
         if self.predict_dataset is None and stage in ("predict", None):
             self._build_predict_dataset()
 
@@ -183,9 +200,12 @@ class ImageDataModule(L.LightningDataModule):
         ds = self._need(self.predict_dataset, "predict")
         return DataLoader(ds, batch_size=self.hparams.batch_size, **self._loader_kwargs())
 
-    def _build_folder_datasets(self) -> None:
+    def _needs_folders(self, stage: str | None) -> bool:
+        return stage != "predict" or self.hparams.predict_paths is None
+
+    def _build_folder_datasets(self, scan: bool) -> None:
         hp = self.hparams
-        if hp.scan:
+        if scan:
             self._scan()
         if hp.task == "pretrain":
             train_tf = build_pretrain_transform(self.img_size, hp.mean, hp.std)
@@ -194,10 +214,12 @@ class ImageDataModule(L.LightningDataModule):
         else:
             train_tf = build_train_transform(self.img_size, hp.mean, hp.std, preset=hp.aug)
         eval_tf = build_eval_transform(self.img_size, hp.mean, hp.std, crop_pct=hp.crop_pct)
-        full = ImageFolderDataset(self.train_root, None, self._class_names, hp.on_bad_image)
+        unlabelled = hp.task == "pretrain"
+        full = ImageFolderDataset(self.train_root, None, self._class_names, hp.on_bad_image, unlabelled=unlabelled)
         if self.val_root is not None:
             self.train_dataset = full.select(range(len(full)), train_tf)
-            self.val_dataset = ImageFolderDataset(self.val_root, eval_tf, self._class_names, hp.on_bad_image)
+            self.val_dataset = ImageFolderDataset(self.val_root, eval_tf, self._class_names, hp.on_bad_image,
+                                                  unlabelled=unlabelled)
         elif hp.val_split > 0:
             train_idx, val_idx = stratified_split(full.targets, hp.val_split, hp.seed)
             self.train_dataset = full.select(train_idx, train_tf)
@@ -227,9 +249,13 @@ class ImageDataModule(L.LightningDataModule):
             return
         listing = "\n".join(f"  {p}: {reason}" for p, reason in bad)
         message = f"scan found {len(bad)} unreadable image(s):\n{listing}"
-        if self.hparams.on_bad_image == "error":
-            raise ValueError(message + "\nfix or remove them, or set on_bad_image='skip'")
-        log.warning("%s\nthey will be skipped (on_bad_image='skip')", message)
+        if self.hparams.on_bad_image != "error":
+            log.warning("%s\nthey will be skipped (on_bad_image='skip')", message)
+            return
+        log.warning("%s", message)  # every file with its reason; the error names them in one line
+        names = ", ".join(repr(str(p)) for p, _ in bad[:_MAX_NAMED]) + (" ..." if len(bad) > _MAX_NAMED else "")
+        raise UnreadableImagesError(f"scan found {len(bad)} unreadable image(s): {names}; fix or remove them, or "
+                                    f"set --data.on_bad_image skip")
 
     def _loader_kwargs(self) -> dict:
         hp = self.hparams

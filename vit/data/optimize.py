@@ -164,8 +164,10 @@ def _list_split(root: Path, classes: list[str], is_val: bool) -> _Listing:
     for label, name in enumerate(classes):
         folder = root / name
         files = sorted(_walk(folder)) if folder.is_dir() else []
-        images = [p for p in files if p.lower().endswith(exts)]
+        images = [p for p in files if p.lower().endswith(exts) and os.path.isfile(p)]
         ignored += [(p, "not an image file (extension)") for p in files if not p.lower().endswith(exts)]
+        # a FIFO named like an image would block its reader forever
+        ignored += [(p, "not a regular file") for p in files if p.lower().endswith(exts) and not os.path.isfile(p)]
         if not images and not is_val:
             raise ValueError(f"class folder {str(folder)!r} has no image files (extensions {IMG_EXTENSIONS})")
         items += [(len(items) + i, p, label) for i, p in enumerate(images)]

@@ -9,11 +9,12 @@ import pickle
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vit.export.load import build_network, record_of
-from vit.export.read import read_weights
-from vit.export.verify import ExportCheckError, ExportReport
-from vit.export.writers import DEFAULT_OPSET, FORMATS, export_model
+from vit.export.formats import DEFAULT_OPSET, FORMATS
+
+if TYPE_CHECKING:
+    from vit.export.verify import ExportReport
 
 DESCRIPTION = """\
 Export a trained network for other projects, then re-run seeded sample inputs (batch 1 and 3, at every
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-args", type=_json_dict, metavar="JSON", help="constructor overrides, e.g. "
                    "'{\"img_size\": 32, \"depth\": 2}'")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference a check may show (default 1e-4)")
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even when it holds another format's export (its files are replaced)")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and resampled")
     return p
 
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("vit").setLevel(logging.INFO)
+    from vit.export.load import build_network, record_of  # after parsing: --help needs no torch
+    from vit.export.read import read_weights
+    from vit.export.verify import ExportCheckError
+    from vit.export.writers import export_model
+
     try:
         t0 = time.perf_counter()
         weights = read_weights(args.source)
@@ -77,17 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         for note in weights.notes:
             print(f"  note: {note}")
         report = export_model(model, args.format, args.out, record=record_of(weights, model), source=weights.source,
-                              image_sizes=args.image_size, head=args.head, opset=args.opset, atol=args.atol)
-    except ExportCheckError as e:
+                              image_sizes=args.image_size, head=args.head, opset=args.opset, atol=args.atol,
+                              force=args.force)
+    except ExportCheckError as e:  # the export does not reproduce the source: a fault, exit status 1
         _print_report(e.report)
-        print(f"vit export: error: {e}", file=sys.stderr)
-        return 1
+        return _error(e, 1)
     except (FileNotFoundError, ValueError, ImportError, pickle.UnpicklingError) as e:
-        # user errors (missing file, wrong keys, unsafe pickle, missing extra): the message says it all
-        print(f"vit export: error: {e}", file=sys.stderr)
-        return 1
+        # bad input (missing file, wrong keys, unsafe pickle, a folder of another export, missing extra)
+        return _error(e, 2)
+    except OSError as e:  # an output that cannot be written
+        return _error(f"{e.strerror or e} ({e.filename or args.out})", 1)
     _print_report(report)
     return 0
+
+
+def _error(e: BaseException | str, code: int) -> int:
+    """Print ``vit export: error: ...`` as one line on stderr; returns ``code``."""
+    print(f"vit export: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return code
 
 
 def _print_report(report: ExportReport) -> None:

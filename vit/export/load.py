@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vit.errors import BadInputError
+from vit.export.folder import read_config
 from vit.export.read import Weights, WeightsMismatchError, read_weights
 from vit.layers import resample_pos_embed, to_2tuple
 from vit.models import MaskedAutoencoder, NetworkRecord, VisionTransformer, create_model
@@ -25,6 +27,9 @@ log = logging.getLogger(__name__)
 
 MAE_DECODER_PREFIXES = ("decoder_", "mask_token")
 DEFAULT_RESAMPLE = {"mode": "bicubic", "antialias": True}  # timm's resample_abs_pos_embed
+GRAPH_LOADERS = {"aoti": "torch._inductor.aoti_load_package('{file}')",
+                 "torch-export": "torch.export.load('{file}').module()",
+                 "onnx": "onnxruntime.InferenceSession('{file}')"}
 
 
 @dataclass
@@ -102,6 +107,7 @@ def load_backbone(
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: load_backbone needs an export folder "
                                 f"(write one with `vit export ... --format safetensors`) or a checkpoint")
+    _refuse_graph_export(path)
     weights = read_weights(path)
     model = build_network(weights, backbone=True)
     if img_size is not None and to_2tuple(img_size) != model.patch_embed.img_size:
@@ -201,6 +207,21 @@ def _resample_positions(model: nn.Module, state: dict[str, torch.Tensor], report
         log.info("resampled %s from a %dx%d grid to %dx%d (%s)", key, *old_grid, *module.grid_size,
                  report.resample_mode)
     return state
+
+
+def _refuse_graph_export(path: Path) -> None:
+    """A compiled or traced export holds a graph, not a network to rebuild: say what runs it instead."""
+    if path.is_dir():
+        config = read_config(path) or {}
+        files = config.get("files") if isinstance(config.get("files"), dict) else {}
+        fmts, file = [config.get("format")], path / next(iter(files.values()), "")
+    else:  # a bare .pt2 is an AOTInductor package or a torch.export program
+        fmts, file = {".pt2": ["aoti", "torch-export"], ".onnx": ["onnx"]}.get(path.suffix, []), path
+    how = [GRAPH_LOADERS[f].format(file=file) for f in fmts if f in GRAPH_LOADERS]
+    if how:
+        raise BadInputError(f"{path} is a {' or '.join(map(str, fmts))} export, a compiled or traced graph, not "
+                            f"weights to build a VisionTransformer from: run it with {' or '.join(how)}, or "
+                            f"export --format safetensors for load_backbone")
 
 
 def _data_config(record: NetworkRecord) -> dict[str, Any]:

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import logging
 import pickle
+import pickletools
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vit.errors import BadInputError
 from vit.export.folder import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -34,13 +39,18 @@ from vit.models import RECORD_KEY, NetworkRecord
 log = logging.getLogger(__name__)
 
 CONTAINER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+SAFE_MODULES = ("torch.", "collections.", "_codecs.")  # what a plain checkpoint's pickle names
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(BadInputError, pickle.UnpicklingError):
     """A checkpoint that would run code to unpickle (refused: weights are only ever read as plain data)."""
 
 
-class WeightsMismatchError(ValueError):
+class NotACheckpointError(BadInputError):
+    """A file that holds no checkpoint: empty, truncated, damaged, or not a PyTorch / safetensors file at all."""
+
+
+class WeightsMismatchError(BadInputError):
     """Weights whose keys or shapes do not fit the model; the message lists every conflict."""
 
 
@@ -85,8 +95,8 @@ def read_weights(source: str | Path | dict[str, Any] | Weights) -> Weights:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The whole object stored at ``path``, read as plain data (safetensors, else ``torch.load(weights_only)``).
 
-    Raises ``FileNotFoundError``, ``UnsafeCheckpointError`` for pickles that would run code, and ``ValueError``
-    for files that are not checkpoints at all.
+    Raises ``FileNotFoundError``, ``UnsafeCheckpointError`` for pickles that would run code, and
+    ``NotACheckpointError`` for files that are not checkpoints at all (empty, truncated, random bytes).
     """
     path = Path(path)
     if path.is_dir():
@@ -102,27 +112,42 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         try:
             return load_file(str(path))
         except SafetensorError as e:
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+            raise NotACheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if path.stat().st_size == 0:
+        raise NotACheckpointError(f"{path} is not a checkpoint: the file is empty")
     try:
-        try:  # memory-mapped: a large checkpoint is not read whole to pick out the network
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it may not read: the error says it
+            warnings.filterwarnings("ignore", message=".*Detected pickle protocol")
+            try:  # memory-mapped: a large checkpoint is not read whole to pick out the network
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
-        if "Unsupported global" not in detail and "Unsupported operand" not in detail:
-            raise ValueError(f"{path} is not a PyTorch checkpoint (unpickling failed: {detail})") from e
+        imports = _pickle_imports(path)
+        if imports is None:  # random bytes fail the unpickler too, with the same error class
+            raise NotACheckpointError(f"{path} is not a checkpoint (not a PyTorch, safetensors or pickle file: "
+                                      f"{detail})") from e
+        if not imports:
+            raise NotACheckpointError(f"{path} is a pickle that torch.load(weights_only=True) cannot read "
+                                      f"({detail}); re-save it with torch.save or safetensors") from e
+        refused = re.findall(r"GLOBAL ([\w.]+)", str(e))  # what torch's weights-only unpickler refused
+        named = refused or [i for i in imports if not i.startswith(SAFE_MODULES)] or imports
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: it holds pickled objects that would run code when read "
-            f"(only tensors and plain data are accepted; re-save the weights with safetensors or as a "
-            f"plain state dict). Detail: {detail}"
+            f"refusing to load {path}: it holds pickled objects that would run code when read (it imports "
+            f"{', '.join(dict.fromkeys(named[:3]))}; only tensors and plain data are accepted: re-save the weights "
+            f"with safetensors or as a plain state dict)"
         ) from e
-    except (RuntimeError, KeyError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    except (PermissionError, IsADirectoryError) as e:
+        raise NotACheckpointError(f"{path} cannot be read ({e.strerror})") from e
+    except Exception as e:  # torch's many ways to fail on a damaged file (RuntimeError, EOFError, UnicodeError...)
+        detail = " ".join(str(e).split()).split(". ")[0][:160]
+        raise NotACheckpointError(f"{path} is not a checkpoint (truncated, damaged or another kind of file: "
+                                  f"{type(e).__name__}: {detail})") from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+        raise NotACheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     return obj
 
 
@@ -206,8 +231,37 @@ def _unwrap(obj: dict[str, Any], name: str, prefix: str) -> dict[str, torch.Tens
     return obj
 
 
+def _pickle_imports(path: Path) -> list[str] | None:
+    """The globals the pickle in ``path`` (a torch zip's ``data.pkl``, or the file itself) imports, or None when it
+    is not a complete pickle: a refusal by the weights-only unpickler then means damage or junk, not code."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                ops = list(pickletools.genops(z.read(name))) if name else []
+        else:
+            with path.open("rb") as f:  # up to the first STOP: a legacy torch file is several pickles
+                ops = list(pickletools.genops(f))
+    except Exception:  # pickletools raises ValueError on junk, and other errors on truncated opcodes
+        return None
+    if not ops or ops[-1][0].name != "STOP":
+        return None
+    imports, strings = [], []
+    for op, arg, _ in ops:
+        if op.name in ("GLOBAL", "INST"):
+            imports.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            imports.append(".".join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return imports
+
+
 def _unpickler_detail(e: Exception) -> str:
     text = str(e)
+    named = re.search(r"Unsupported (?:global|operand)(?:(?!\. |\n| was not).)*", text)
+    if named:
+        return " ".join(named.group(0).split())
     start = max(text.find("WeightsUnpickler error:"), 0)
     detail = " ".join(text[start:].split()).split(" Check the documentation")[0].split(" Please use")[0]
     return detail if len(detail) <= 300 else detail[:297] + "..."

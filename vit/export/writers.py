@@ -19,29 +19,31 @@ from typing import Any
 import torch
 from torch import nn
 
+from vit.errors import BadInputError
+from vit.export.aoti import write_aoti
 from vit.export.config import export_config, normalisation
 from vit.export.folder import CONFIG_NAME, MAE_WEIGHTS_NAME, WEIGHTS_NAME
+from vit.export.formats import DEFAULT_OPSET, FORMATS, WEIGHT_FORMATS
 from vit.export.interop import vit_to_mae_official, vit_to_timm
 from vit.export.load import load_backbone, load_weights, resize_model
-from vit.export.timm_hub import hub_config, hub_notes, model_card
+from vit.export.timm_hub import RECORD_FIELD, hub_config, hub_notes, model_card
 from vit.export.verify import ExportCheckError, ExportReport, check, features_and_head, sample_images
 from vit.layers import to_2tuple
 from vit.models import MaskedAutoencoder, NetworkRecord, VisionTransformer
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("safetensors", "timm", "mae", "onnx", "torch-export")
-WEIGHT_FORMATS = ("safetensors", "timm", "mae")
 README_NAME = "README.md"  # the model card of a timm hub folder
-# opset 18 is the dynamo exporter's own; asking for 17 adds a version conversion that cannot express an
-# antialiased Resize (position-embedding resampling when it is not constant-folded)
-DEFAULT_OPSET = 18
 TRACE_BATCH = 2  # the example batch for tracing: neither checked size, so batch is not specialised
 INPUT_NAME = "images"
 
 
 class MissingExtraError(ImportError):
     """An optional dependency a format needs is not installed."""
+
+
+class ExportFolderError(BadInputError):
+    """An output folder that holds another format's export (its files would be replaced)."""
 
 
 def export_model(
@@ -55,6 +57,7 @@ def export_model(
     head: bool | None = None,
     opset: int = DEFAULT_OPSET,
     atol: float = 1e-4,
+    force: bool = False,
 ) -> ExportReport:
     """Write ``model`` to ``out`` in format ``fmt`` and check what a consumer loads back against it.
 
@@ -70,11 +73,15 @@ def export_model(
         head: True keeps the classifier (an error without one), False drops it, None keeps what there is.
         opset: ONNX opset (>= 17).
         atol: the max abs difference a check may show.
-    Raises ``ExportCheckError`` (carrying the report) when a check exceeds ``atol``.
+        force: write even into a folder holding another format's export (its files of the same name are lost).
+    Raises ``ExportCheckError`` (carrying the report) when a check exceeds ``atol``, and ``ExportFolderError``
+    when ``out`` holds another format's export and ``force`` is not set.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
+    if not force:
+        _check_export_folder(out, fmt)
     record = record or NetworkRecord.from_model(model)
     model = _select_network(model, fmt, head)
     sizes = _image_sizes(model, fmt, image_sizes)
@@ -90,7 +97,7 @@ def export_model(
     job = _Job(models, out, record, source, report, opset)
     if not normalisation(record)[2]:
         report.notes.append("the source records no input mean/std: config.json says ImageNet's (timm's default)")
-    if fmt in ("onnx", "torch-export") and getattr(job.first, "dynamic_img_size", False):
+    if fmt in ("onnx", "torch-export", "aoti") and getattr(job.first, "dynamic_img_size", False):
         report.notes.append("one graph per --image-size: the model's forward resamples positions only when the "
                             "patch grid differs, a branch torch.export fixes at trace time")
     with torch.no_grad():
@@ -252,7 +259,7 @@ def _write_torch_export(job: _Job) -> None:
 
 
 _WRITERS = {"safetensors": _write_safetensors, "timm": _write_timm, "mae": _write_mae, "onnx": _write_onnx,
-            "torch-export": _write_torch_export}
+            "torch-export": _write_torch_export, "aoti": write_aoti}
 
 
 def _select_network(model: nn.Module, fmt: str, head: bool | None) -> nn.Module:
@@ -316,3 +323,23 @@ def _write_json(path: Path, obj: dict) -> Path:
 
 def _fmt(size: tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
+
+
+def _check_export_folder(out: Path, fmt: str) -> None:
+    """Refuse ``out`` when its ``config.json`` belongs to another export than ``fmt`` (or to no export of ours):
+    every format writes a ``config.json``, and some share ``model.safetensors``."""
+    config = out / CONFIG_NAME
+    if not config.is_file():
+        return
+    try:
+        data = json.loads(config.read_text())
+        held = data.get("format") or (data.get(RECORD_FIELD) or {}).get("format")
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held == fmt:
+        return  # the same export again: its files are replaced
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    shown = ", ".join(files[:6]) + (f", ... ({len(files) - 6} more)" if len(files) > 6 else "")
+    what = f"a {held} export" if held else "a config.json that is not a vitkit export"
+    raise ExportFolderError(f"--out {out} already holds {what} ({shown}); writing the {fmt} format there would "
+                            f"replace them: choose another --out, or pass --force")

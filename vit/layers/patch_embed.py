@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import nn
 
@@ -45,6 +46,20 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images [B, C, H, W] → tokens [B, (H/ph)·(W/pw), D], row-major over the grid."""
+        self.check_images(x)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)
+
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Pixel patches already cut out [..., ph·pw·C], ordered (row, column, channel) → tokens [..., D].
+
+        The convolution's projection as a matmul over the flattened patch, for callers that embed only some
+        patches (MAE's visible ones); equal to ``forward`` up to fp32 summation order.
+        """
+        w = self.proj.weight  # (D, C, ph, pw), timm's layout
+        return F.linear(patches, w.permute(0, 2, 3, 1).reshape(w.shape[0], -1), self.proj.bias)
+
+    def check_images(self, x: torch.Tensor) -> None:
+        """ValueError unless ``x`` is [B, in_chans, H, W] with a size this embedding accepts."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected images [B, {self.in_chans}, H, W], got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -55,4 +70,3 @@ class PatchEmbed(nn.Module):
                 f"or load it for the new size to resample its position embeddings)"
             )
         self.grid_size_for((H, W))
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, gh, gw) -> (B, N, D)

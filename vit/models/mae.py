@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vit.layers import AttentionSpec, attention_schedule, sincos_2d_pos_embed, to_2tuple
@@ -134,33 +135,30 @@ class MaskedAutoencoder(nn.Module):
             such that gathering the shuffled sequence with it restores the original patch order.
         """
         B, L, D = x.shape
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-        len_keep = int(L * (1 - mask_ratio))
-        if noise is None:
-            noise = torch.rand(B, L, device=x.device)
-        elif noise.shape != (B, L):
-            raise ValueError(f"noise must have shape [B, L] = [{B}, {L}], got {tuple(noise.shape)}")
-        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
+        ids_keep, mask, ids_restore = self._keep_ids(B, L, mask_ratio, noise, x)
         x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
-        mask = torch.ones(B, L, device=x.device, dtype=x.dtype)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
         return x_kept, mask, ids_restore
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embed, mask, and encode the visible patches: → latent [B, prefix + L_keep, D], mask, ids_restore."""
+        """Mask, embed and encode the visible patches: → latent [B, prefix + L_keep, D], mask, ids_restore.
+
+        Only the kept patches are embedded: their pixels are gathered and projected with the patch embedding's
+        own weights (``PatchEmbed.forward_patches``), a matmul over L_keep patches instead of the convolution
+        over all L; the same tokens as embedding all and keeping some, up to fp32 summation order.
+        """
         enc = self.encoder
         P = enc.num_prefix_tokens
+        enc.patch_embed.check_images(imgs)
         grid = self._encoder_grid(imgs, mask_ratio)
         if grid is not None:  # a patterned encoder at mask ratio 0: keep the patches in raster order
             noise = torch.arange(enc.patch_embed.num_patches, device=imgs.device).float().expand(imgs.shape[0], -1)
-        x = enc.patch_embed(imgs) + enc.pos_embed[:, P:]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        patches = self.patchify(imgs)  # (B, L, ph·pw·C)
+        B, L, K = patches.shape
+        ids_keep, mask, ids_restore = self._keep_ids(B, L, mask_ratio, noise, patches)
+        kept = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, K))  # (B, L_keep, ph·pw·C)
+        x = enc.patch_embed.forward_patches(kept) + enc.pos_embed[0, P:][ids_keep]
         prefix = []
         if enc.cls_token is not None:
             prefix.append(enc.cls_token)
@@ -179,12 +177,13 @@ class MaskedAutoencoder(nn.Module):
         x = self.decoder_embed(x)
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + P - x.shape[1], -1)
-        patches = torch.cat([x[:, P:], mask_tokens], dim=1)  # (B, L, Dd) in shuffled order
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :P], patches], dim=1) + self.decoder_pos_embed
+        x = torch.cat([x, mask_tokens], dim=1)  # (B, P + L, Dd): prefix, then patches in shuffled order
+        # one gather unshuffles the patches and keeps the prefix in place
+        ids = torch.cat([torch.arange(P, device=x.device).expand(B, P), ids_restore + P], dim=1)
+        x = torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1])) + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x, self.grid_size)
-        return self.decoder_pred(self.decoder_norm(x))[:, P:]
+        return self.decoder_pred(self.decoder_norm(x)[:, P:])  # the prefix tokens predict no pixels
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error over the masked patches only (over all patches when none is masked)."""
@@ -193,7 +192,7 @@ class MaskedAutoencoder(nn.Module):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)  # (B, L) per-patch loss
+        loss = F.mse_loss(pred, target, reduction="none").mean(dim=-1)  # (B, L) per-patch loss, one kernel
         n_masked = mask.sum()
         return torch.where(n_masked > 0, (loss * mask).sum() / n_masked.clamp_min(1), loss.mean())
 
@@ -230,3 +229,20 @@ class MaskedAutoencoder(nn.Module):
             var = target.var(dim=-1, keepdim=True)
             pred = pred * (var + 1e-6) ** 0.5 + mean
         return self.unpatchify(pred, self.encoder.patch_embed.grid_size_for(tuple(imgs.shape[-2:])))
+
+    def _keep_ids(
+        self, B: int, L: int, mask_ratio: float, noise: torch.Tensor | None, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids_keep [B, L_keep] (lowest noise first), mask [B, L] (1 = removed, ``like``'s dtype), ids_restore."""
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        len_keep = int(L * (1 - mask_ratio))
+        if noise is None:
+            noise = torch.rand(B, L, device=like.device)
+        elif noise.shape != (B, L):
+            raise ValueError(f"noise must have shape [B, L] = [{B}, {L}], got {tuple(noise.shape)}")
+        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        mask = torch.ones(B, L, device=like.device, dtype=like.dtype)
+        mask[:, :len_keep] = 0
+        return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore), ids_restore

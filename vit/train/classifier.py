@@ -256,8 +256,8 @@ class ImageClassifier(VitModule):
                 self.log(f"{stage}/{name}", metric, on_epoch=True, prog_bar=name == "acc1", batch_size=x.shape[0])
 
     def configure_callbacks(self) -> list[Callback]:
-        """The confusion-matrix PNG and per-class accuracy after every validation and test epoch."""
-        return [ConfusionReport()]
+        """``VitModule``'s, and the confusion-matrix PNG and per-class accuracy after each validation and test epoch."""
+        return [*super().configure_callbacks(), ConfusionReport()]
 
     # ----------------------------------------------------------------------------------------------- optimiser
     def optimizer_choice(self) -> tuple[OptimizerName, float | None]:

@@ -14,15 +14,17 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 RECONSTRUCTION_COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 DPI = 100
 
 
 def save_image_grid(
-    rows: Sequence[Sequence[torch.Tensor]], path: str | Path, titles: Sequence[str] = RECONSTRUCTION_COLUMNS
+    rows: Sequence[Sequence[torch.Tensor]], path: str | Path, titles: Sequence[str] = RECONSTRUCTION_COLUMNS,
+    title: str = "",
 ) -> Path:
-    """Save rows of images ([3, H, W] in [0, 1]) as one PNG with a title over each column."""
+    """Save rows of images ([3, H, W] in [0, 1]) as one PNG with a title over each column (and ``title`` on top)."""
     n_rows, n_cols = len(rows), len(rows[0])
     fig = Figure(figsize=(2.0 * n_cols, 2.0 * n_rows))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
@@ -34,6 +36,8 @@ def save_image_grid(
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(titles[c], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
@@ -46,7 +50,9 @@ def save_learning_curves(metrics_csv: str | Path, path: str | Path) -> Path | No
 def learning_curves_figure(metrics_csv: str | Path, max_cols: int = 3) -> Figure | None:
     """One panel per metric (loss, acc1, ...) against the epoch, with its train and val series.
 
-    Series are the ``train/<metric>_epoch`` and ``val/<metric>`` columns; step-level columns are left out.
+    Series are the ``train/<metric>_epoch`` and ``val/<metric>`` columns; step-level columns are left out. An
+    epoch logged twice (a run killed after logging it and resumed from an earlier checkpoint) keeps its last
+    value. Each panel's title gives the last epoch's values.
     """
     panels = _epoch_series(metrics_csv)
     if not panels:
@@ -56,10 +62,14 @@ def learning_curves_figure(metrics_csv: str | Path, max_cols: int = 3) -> Figure
     fig = Figure(figsize=(4.5 * n_cols, 3.5 * n_rows))
     for i, (metric, series) in enumerate(sorted(panels.items())):
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
+        last = []
         for split, points in sorted(series.items(), key=lambda kv: kv[0] != "train"):
-            epochs, values = zip(*points, strict=True)
+            epochs, values = zip(*sorted(dict(points).items()), strict=True)
             ax.plot(epochs, values, marker="o", markersize=3, label=split)
-        ax.set_title(metric)
+            last.append(f"{split} {values[-1]:.4g}")
+        ax.set_title(f"{metric}, epoch {max(e for p in series.values() for e, _ in p):g}: {', '.join(last)}",
+                     fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vit.errors import BadInputError
 from vit.export import Weights, WeightsMismatchError, load_weights, read_weights
 from vit.models import MaskedAutoencoder, VisionTransformer
 
@@ -22,7 +23,7 @@ MAE_DECODER_PARTS = ("decoder_", "mask_token", "encoder.head.")
 
 def load_pretrained(net: VisionTransformer, source: str, head_std: float) -> str:
     """Load ``source`` into ``net``; a fresh head gets N(0, ``head_std``) weights. Returns what was done."""
-    weights = read_weights(source)
+    weights = read_source(source)
     _check_eps(net, weights, source)
     old_head = weights.state.get("head.weight")
     try:
@@ -47,7 +48,7 @@ def load_pretrained(net: VisionTransformer, source: str, head_std: float) -> str
 
 def load_pretrained_mae(net: MaskedAutoencoder, source: str) -> str:
     """Load ``source`` into ``net`` to continue pretraining; an encoder-only source keeps the decoder's init."""
-    weights = read_weights(source)
+    weights = read_source(source)
     _check_eps(net.encoder, weights, source)
     try:
         report = load_weights(net, weights, strict=True, new=() if weights.is_mae else MAE_DECODER_PARTS)
@@ -58,6 +59,17 @@ def load_pretrained_mae(net: MaskedAutoencoder, source: str) -> str:
     return (f"init_from {source} (layout {weights.layout!r}): loaded {loaded} tensors"
             + ("; new decoder (the source is an encoder)" if report.fresh else "")
             + "".join(f"; {n}" for n in weights.notes))
+
+
+def read_source(source: str | Weights) -> Weights:
+    """The weights ``init_from`` names, read as plain data; a source that is missing or not weights at all is a
+    ``BadInputError`` naming it (``vit fit`` checks this before anything is written)."""
+    try:
+        return read_weights(source)
+    except FileNotFoundError as e:
+        raise BadInputError(f"model.init_from {source}: no such file or folder ({e})") from e
+    except BadInputError as e:
+        raise type(e)(f"model.init_from: {e}") from e
 
 
 def _check_eps(net: VisionTransformer, weights: Weights, source: str) -> None:

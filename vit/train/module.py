@@ -2,26 +2,71 @@
 
 Subclasses hold their network as ``self.model`` and keep the recipe in ``hparams`` (``model``, ``base_lr``,
 ``lr``, ``weight_decay``, ``betas``, ``warmup_epochs``, ``min_lr_ratio``); they say which optimiser and layer
-decay apply through ``optimizer_choice()``.
+decay apply through ``optimizer_choice()``. Every fit logs its throughput (``vit.train.throughput``) and prints
+Lightning's model summary with the network's FLOPs (``vit.train.model_summary``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning import LightningModule
+from lightning import Callback, LightningModule
+from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 from timm.scheduler.scheduler import Scheduler
 
-from vit.models import RECORD_KEY, NetworkRecord
+from vit.flops import mae_forward_flops, vit_forward_flops
+from vit.models import RECORD_KEY, MaskedAutoencoder, NetworkRecord
+from vit.train.model_summary import count_model_flops
 from vit.train.optim import OptimizerName, build_optimizer, build_scheduler
 from vit.train.schedule import RunSchedule, run_schedule
+from vit.train.throughput import DataWait, TrainThroughput, batch_images
 
 
 class VitModule(LightningModule):
     """A LightningModule around ``self.model`` whose checkpoints say what built it (see ``NetworkRecord``)."""
 
     schedule: RunSchedule | None = None
+    _batch_images = 0
+
+    @property
+    def flops_per_batch(self) -> int:
+        """FLOPs of the current batch (read by ``ThroughputMonitor``): a training step, or a forward in evaluation."""
+        per_image = self.train_flops_per_image() if self.training else self.forward_flops_per_image()
+        return per_image * self._batch_images
+
+    def forward_flops_per_image(self) -> int:
+        """Forward FLOPs of one image at the network's image size (``vit.flops``' closed forms; MAE at its mask)."""
+        if isinstance(self.model, MaskedAutoencoder):
+            return mae_forward_flops(self.model, self.mask_ratio)
+        return vit_forward_flops(self.model)
+
+    def train_flops_per_image(self) -> int:
+        """FLOPs of one image in a training step: forward + backward (twice the forward); a probe's frozen backbone
+        runs forward only (its head is a rounding error)."""
+        probe = self.hparams.get("mode") in ("linear_probe", "attentive_probe")
+        return self.forward_flops_per_image() * (1 if probe else 3)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_images = batch_images(batch)
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_images = batch_images(batch)
+
+    on_test_batch_start = on_predict_batch_start = on_validation_batch_start
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Throughput (img/s, TFLOP/s, MFU) and data wait in the logs, and the model summary with our FLOPs; a
+        callback of the same kind in the trainer's list is kept instead."""
+        trainer = self.trainer
+        count_model_flops(trainer)
+        callbacks: list[Callback] = []
+        if trainer.state.fn == "fit":
+            if not any(isinstance(cb, ThroughputMonitor) for cb in trainer.callbacks):
+                callbacks.append(TrainThroughput(window_size=trainer.log_every_n_steps))
+            if not any(isinstance(cb, DataWait) for cb in trainer.callbacks):
+                callbacks.append(DataWait())
+        return callbacks
 
     def optimizer_choice(self) -> tuple[OptimizerName, float | None]:
         """(optimizer name, layer decay or None) for this run."""

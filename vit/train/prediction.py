@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from vit.errors import BadInputError
 from vit.models import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,10 @@ class PredictionWriter(BasePredictionWriter):
         output: the CSV or JSON file; None writes ``<trainer.default_root_dir>/predictions.<format>``.
         top_k: classes per image (at most the number of classes).
         format: ``csv`` or ``json``; None takes it from ``output``'s suffix (csv otherwise).
-        attention_maps: also save a PNG per image: the image, last-block (or MAP) attention and rollout.
+        attention_maps: also save a PNG per image: the image, last-block (or MAP) attention and rollout. On the
+            command line: ``--trainer.callbacks.attention_maps true`` (jsonargparse sets it on the last callback
+            of the list, which is the writer in every shipped recipe); ``--trainer.callbacks+=PredictionWriter``
+            would add a second writer of the same file, which is refused.
         attention_dir: where those PNGs go; None: ``<output's folder>/attention``.
     """
 
@@ -105,6 +109,16 @@ class PredictionWriter(BasePredictionWriter):
         self.attention_dir = attention_dir
         self._rows: list[dict[str, Any]] = []
         self.last_path: Path | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        mine = self._output_path(trainer).resolve()
+        for cb in trainer.callbacks:
+            if cb is not self and isinstance(cb, PredictionWriter) and cb._output_path(trainer).resolve() == mine:
+                raise BadInputError(
+                    f"two PredictionWriter callbacks would both write {mine}: set the recipe's writer instead of "
+                    f"adding one (attention maps: --trainer.callbacks.attention_maps true sets the last callback's)")
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._rows = []

@@ -62,7 +62,10 @@ class ReconstructionPlotter(Callback):
         mean, std = prep.get("mean", IMAGENET_DEFAULT_MEAN), prep.get("std", IMAGENET_DEFAULT_STD)
         columns = reconstruction_columns(imgs, recon, hidden, mean, std)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "reconstructions"
-        path = save_image_grid(list(zip(*columns, strict=True)), folder / f"epoch_{trainer.current_epoch:04d}.png")
+        loss = trainer.callback_metrics.get("val/loss")
+        title = f"epoch {trainer.current_epoch}" + (f", val/loss {float(loss):.4f}" if loss is not None else "")
+        path = save_image_grid(list(zip(*columns, strict=True)), folder / f"epoch_{trainer.current_epoch:04d}.png",
+                               title=title)
         if self.last_path is None:
             log.info("reconstruction figures go to %s", folder)
         self.last_path = path

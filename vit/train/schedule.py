@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
-from lightning import Trainer
+from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
+
+RUN_LENGTH_KEY = "run_length"  # where a checkpoint records the length of the run that wrote it
 
 
 def effective_batch_size(world_size: int, batch_size: int, accumulate: int) -> int:
@@ -80,3 +83,39 @@ def loader_batch_size(trainer: Trainer) -> int:
     if batch is None:
         batch = trainer.train_dataloader.batch_size if trainer.train_dataloader is not None else 1
     return int(batch)
+
+
+class RunLength(Callback):
+    """Records the run's length in checkpoints; a resume that changes it warns, naming the old and new values.
+
+    The warmup + cosine schedule spans the whole run, so a resume with another ``max_epochs`` / ``max_steps``
+    stretches or shrinks it from the step it is at: the lr jumps to where the new schedule is at that step.
+    """
+
+    def __init__(self) -> None:
+        self.saved: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_LENGTH_KEY] = _run_length(trainer, pl_module)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.saved = checkpoint.get(RUN_LENGTH_KEY)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        old, self.saved = self.saved, None
+        new = _run_length(trainer, pl_module)
+        if not old or old.get("total_steps") == new["total_steps"]:
+            return
+        changed = [f"{k} {old.get(k)} -> {new[k]}" for k in ("max_epochs", "max_steps") if old.get(k) != new[k]]
+        warmup = (f"; warmup {old.get('warmup_steps')} -> {new['warmup_steps']} steps"
+                  if old.get("warmup_steps") != new["warmup_steps"] else "")
+        rank_zero_warn(f"this resume changes the run's length ({', '.join(changed) or 'same limits'}): "
+                       f"{old.get('total_steps')} -> {new['total_steps']} optimizer steps{warmup}; the lr schedule "
+                       f"is rescaled to the new length from step {trainer.global_step}")
+
+
+def _run_length(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+    schedule = getattr(pl_module, "schedule", None)
+    return {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
+            "total_steps": getattr(schedule, "total_steps", None),
+            "warmup_steps": getattr(schedule, "warmup_steps", None)}

@@ -12,8 +12,9 @@ Every backend computes the same function (tests hold each to the oracle within 1
               CUDA: training and inference; CPU: compiled forward only
     counted   FLOP counting only: a stand-in with the pattern's FLOPs and meaningless values (``vit.flops``)
 
-``auto`` picks: dense → sdpa, window → window, kvpool → kvpool; the overlapping patterns → flex on CUDA
-(tiles / strided under export, attention dropout or without flex), tiles / strided on the CPU.
+``auto`` picks: dense → sdpa, kvpool → kvpool everywhere; on CUDA window → window and the overlapping patterns →
+flex (tiles / strided under export or attention dropout); on the CPU window → window, neighborhood and sliding →
+tiles, strided → strided, except below ``SMALL`` tokens, where the masked SDPA call is faster than gathering.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ _PATCH_ROWS = {"window": window_attention, "kvpool": kvpool_attention, "tiles": 
                "strided": strided_attention}
 _SUPPORTS = {"sdpa": ("dense",), "window": ("window",), "kvpool": ("kvpool",), "tiles": ("neighborhood", "sliding"),
              "strided": ("strided",), "flex": ("window", "neighborhood", "sliding", "strided")}
+# tokens below which, on a CPU, the gathers of window / tiles / strided cost more than the attention they save
+# (vit bench --attention, 2-core EPYC: at 256 tokens every gathering backend is slower than the mask, at 1,024
+# faster), so ``auto`` computes the pattern with the masked SDPA call instead
+SMALL = 512
 _override: ContextVar[str | None] = ContextVar("vit_attention_backend", default=None)
 
 
@@ -94,11 +99,13 @@ def choose_backend(pattern: Pattern, q: torch.Tensor, dropout_p: float = 0.0, ba
     if pattern.is_dense:
         return "sdpa"  # every backend of dense attention is this one
     if name == "auto":
-        if pattern.kind in ("window", "kvpool"):
-            return pattern.kind
-        fallback = "strided" if pattern.kind == "strided" else "tiles"
-        use_flex = q.device.type == "cuda" and dropout_p == 0.0 and not torch.compiler.is_exporting()
-        return "flex" if use_flex else fallback
+        restructured = {"window": "window", "kvpool": "kvpool", "strided": "strided"}.get(pattern.kind, "tiles")
+        if pattern.kind == "kvpool" or (q.device.type == "cuda" and pattern.kind == "window"):
+            return restructured
+        if q.device.type == "cuda":
+            use_flex = dropout_p == 0.0 and not torch.compiler.is_exporting()
+            return "flex" if use_flex else restructured
+        return "mask" if q.shape[-2] < SMALL else restructured
     if name in _SUPPORTS and pattern.kind not in _SUPPORTS[name]:
         raise ValueError(f"attention backend {name!r} cannot compute pattern {pattern} (it computes "
                          f"{', '.join(_SUPPORTS[name])}); 'mask' computes every pattern")

@@ -28,18 +28,18 @@ def tiles_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """The patch queries' rows [B, H, N, d] of q, k, v [B, H, P + N, d] under a neighborhood or sliding pattern."""
-    return gathered_attention(q, k, v, tile_tables(pattern, grid, P, q.shape[1], q.device), dropout_p)
+    return gathered_attention(q, k, v, tile_tables(pattern, grid, P, q.device), dropout_p)
 
 
-def tile_tables(pattern: Pattern, grid: tuple[int, int], P: int, heads: int, device: torch.device) -> GatherTables:
+def tile_tables(pattern: Pattern, grid: tuple[int, int], P: int, device: torch.device) -> GatherTables:
     """The gather tables of ``pattern`` on ``grid`` (built once per shape and device)."""
 
     def build() -> GatherTables:
         queries, keys = tile_indices(pattern, grid)
         seen = visible(pattern, queries[:, :, None] + P, keys[:, None, :] + P, grid, P)
-        return make_tables(queries, keys, seen, grid[0] * grid[1], P, heads, device)
+        return make_tables(queries, keys, seen, grid[0] * grid[1], P, device)
 
-    return cached(("tiles", pattern, grid, P, heads, str(device)), build)
+    return cached(("tiles", pattern, grid, P, str(device)), build)
 
 
 def tile_indices(pattern: Pattern, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,19 +1,21 @@
-"""window:W[:shift] by gathering: each window's tokens are one group of queries and keys, one fused SDPA call.
+"""window:W[:shift] by gathering: each cell's tokens are one group of queries and keys; no mask anywhere.
 
-The grid is padded at the bottom and right to whole windows and, for shifted blocks, rolled by −shift as Swin
-does, so a shifted block still has ceil(h/W)·ceil(w/W) windows; a mask is needed only where windows hold padding
-or, after the roll, tokens of different cells. Without either (W divides the grid, no shift) there is none and
-SDPA runs its unmasked kernel.
+A block's cells are the rectangles between the boundaries ``shift + k·W`` on each axis, clipped to the grid (the
+pattern's definition; Swin computes the same visibility by rolling the grid and masking). Cells of one size (a
+shifted block's border cells are W/2 wide, a grid the window does not divide ends in narrower cells) form one
+part, one unmasked SDPA call over all of them, so no softmax ever spends work on a hidden key: a shifted block or
+an undivided grid costs its pattern's density, not the padded windows'. (Cutting the windows with reshape and
+permute instead of a gather measured the same: the SDPA calls are most of the time.)
 """
 
 from __future__ import annotations
 
-import math
+from collections import defaultdict
 
 import torch
 
 from vit.layers.attention_core.cache import cached
-from vit.layers.attention_core.gathered import GatherTables, gathered_attention, make_tables
+from vit.layers.attention_core.gathered import GatherTables, gathered_attention, make_parts
 from vit.layers.patterns import Pattern
 
 
@@ -22,33 +24,26 @@ def window_attention(
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """The patch queries' rows [B, H, N, d] of q, k, v [B, H, P + N, d] under a window pattern."""
-    return gathered_attention(q, k, v, window_tables(pattern, grid, P, q.shape[1], q.device), dropout_p)
+    return gathered_attention(q, k, v, window_tables(pattern, grid, P, q.device), dropout_p)
 
 
-def window_tables(pattern: Pattern, grid: tuple[int, int], P: int, heads: int, device: torch.device) -> GatherTables:
-    """The gather tables of a window pattern on ``grid`` (built once per shape and device)."""
+def window_tables(pattern: Pattern, grid: tuple[int, int], P: int, device: torch.device) -> GatherTables:
+    """The gather tables of a window pattern on ``grid``: one part per cell size (built once per shape, device)."""
 
     def build() -> GatherTables:
-        W, s = pattern.size, pattern.shift
-        rows, row_cell = _axis(grid[0], W, s)
-        cols, col_cell = _axis(grid[1], W, s)
-        nh, nw = rows.shape[0], cols.shape[0]
-        real = (rows >= 0)[:, None, :, None] & (cols >= 0)[None, :, None, :]  # (nh, nw, W, W)
-        tokens = (rows[:, None, :, None] * grid[1] + cols[None, :, None, :]).where(real, -1).reshape(nh * nw, -1)
-        seen = None
-        if s or grid[0] % W or grid[1] % W:
-            r = row_cell[:, None, :, None].expand(nh, nw, W, W).reshape(nh * nw, -1)
-            c = col_cell[None, :, None, :].expand(nh, nw, W, W).reshape(nh * nw, -1)
-            seen = (r[:, :, None] == r[:, None, :]) & (c[:, :, None] == c[:, None, :])
-        return make_tables(tokens, tokens, seen, grid[0] * grid[1], P, heads, device)
+        h, w = grid
+        by_size: dict[int, list[torch.Tensor]] = defaultdict(list)
+        for r0, r1 in _cells(h, pattern.size, pattern.shift):
+            for c0, c1 in _cells(w, pattern.size, pattern.shift):
+                tokens = (torch.arange(r0, r1)[:, None] * w + torch.arange(c0, c1)[None, :]).flatten()
+                by_size[tokens.numel()].append(tokens)
+        parts = [(torch.stack(cells), torch.stack(cells), None) for _, cells in sorted(by_size.items(), reverse=True)]
+        return make_parts(parts, h * w, P, device)
 
-    return cached(("window", pattern, grid, P, heads, str(device)), build)
+    return cached(("window", pattern, grid, P, str(device)), build)
 
 
-def _axis(n: int, W: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per window along an axis [windows, W]: the original position at each padded, rolled place (−1 = padding)
-    and its cell (i − s) // W."""
-    padded = math.ceil(n / W) * W
-    i = (torch.arange(padded) + s) % padded  # torch.roll(x, −s) puts position i + s at place i
-    cell = (i - s).div(W, rounding_mode="floor")
-    return i.where(i < n, -1).reshape(-1, W), cell.reshape(-1, W)
+def _cells(n: int, W: int, shift: int) -> list[tuple[int, int]]:
+    """The [start, stop) intervals an axis of n patches is cut into by the boundaries shift + k·W."""
+    edges = sorted({0, n, *(e for e in range(shift, n, W) if e > 0)})
+    return list(zip(edges[:-1], edges[1:], strict=True))
