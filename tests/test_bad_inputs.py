@@ -291,3 +291,12 @@ def test_failed_overwrite_keeps_the_previous_file(tmp_path, monkeypatch) -> None
                                                                  r"previous last.ckpt is intact"):
         io.save_checkpoint({"step": 2}, target)
     assert torch.load(target, weights_only=True) == {"step": 1} and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_non_finite_stop_is_one_line_and_a_runtime_fault() -> None:
+    from vit.cli import describe_error
+    from vit.train.nonfinite import NonFiniteError
+
+    err = NonFiniteError("non-finite values at global step 12: loss nan;\nstopped before the update")
+    assert isinstance(err, FloatingPointError)
+    assert describe_error(err) == ("non-finite values at global step 12: loss nan; stopped before the update", 1)

@@ -10,7 +10,13 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
+from vit.errors import RunFaultError
+
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RunFaultError, FloatingPointError):
+    """The run stopped at a non-finite loss or gradient; ``vit`` prints the message in one line, exit status 1."""
 
 
 class NonFiniteGuard(Callback):
@@ -22,7 +28,8 @@ class NonFiniteGuard(Callback):
     With fp16 the GradScaler already skips overflowing steps, so only the loss is checked there.
 
     Args:
-        action: ``stop`` raises ``FloatingPointError`` naming the step; ``skip`` drops the update and goes on.
+        action: ``stop`` raises ``NonFiniteError`` (a ``FloatingPointError``) naming the step; ``skip`` drops the
+            update and goes on.
         max_consecutive_skips: with ``skip``, the run stops when more steps than this fail in a row.
     """
 
@@ -66,7 +73,7 @@ class NonFiniteGuard(Callback):
             return
         last = _last_checkpoint(trainer)
         streak = f"{self.consecutive} steps in a row; " if self.action == "skip" else ""
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"non-finite values at {where}: {values}; {streak}stopped before the update, so the weights and "
             f"checkpoints hold no NaN. Last checkpoint: {last or 'none yet'}. Lower the learning rate, keep "
             f"gradient clipping on, use bf16 rather than fp16, or set NonFiniteGuard(action='skip')."
