@@ -53,6 +53,7 @@ from vit.data.transforms import (
     build_eval_transform,
     build_pretrain_transform,
     build_train_transform,
+    preprocessing_record,
 )
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,7 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def preprocessing(self) -> dict:
         """What a model trained on this data expects of its input; checkpoints record it."""
-        hp = self.hparams
-        return {
-            "img_size": list(self.img_size),
-            "mean": [float(m) for m in hp.mean],
-            "std": [float(s) for s in hp.std],
-            "crop_pct": float(hp.crop_pct),
-            "interpolation": INTERPOLATION,
-        }
+        return preprocessing_record(self.img_size, self.hparams.mean, self.hparams.std, self.hparams.crop_pct)
 
     @property
     def num_skipped(self) -> int:

@@ -35,12 +35,12 @@ from timm.layers import to_2tuple
 from vit.data.shard_dataset import ImageShardDataset, collate_images
 from vit.data.shards import is_url, read_meta, split_location
 from vit.data.transforms import (
-    INTERPOLATION,
     TRAIN_PRESETS,
     TrainPreset,
     build_eval_transform,
     build_pretrain_transform,
     build_train_transform,
+    preprocessing_record,
 )
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,7 @@ class StreamingDataModule(L.LightningDataModule):
     @property
     def preprocessing(self) -> dict:
         """What a model trained on this data expects of its input; checkpoints record it."""
-        hp = self.hparams
-        return {
-            "img_size": list(self.img_size),
-            "mean": [float(m) for m in hp.mean],
-            "std": [float(s) for s in hp.std],
-            "crop_pct": float(hp.crop_pct),
-            "interpolation": INTERPOLATION,
-        }
+        return preprocessing_record(self.img_size, self.hparams.mean, self.hparams.std, self.hparams.crop_pct)
 
     @property
     def num_skipped(self) -> int:

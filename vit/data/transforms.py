@@ -34,6 +34,14 @@ TRAIN_PRESETS: dict[TrainPreset, dict[str, Any]] = {
 }
 
 
+def preprocessing_record(
+    img_size: tuple[int, int], mean: Sequence[float], std: Sequence[float], crop_pct: float
+) -> dict:
+    """What a model trained with these transforms expects of its input, as checkpoints and exports record it."""
+    return {"img_size": list(img_size), "mean": [float(m) for m in mean], "std": [float(s) for s in std],
+            "crop_pct": float(crop_pct), "interpolation": INTERPOLATION}
+
+
 def build_pretrain_transform(
     img_size: int | Sequence[int],
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
