@@ -222,11 +222,12 @@ def test_augmentation_is_a_function_of_seed_epoch_and_sample_index(shards) -> No
     assert epoch_images(0, 0).isdisjoint(epoch_images(0, 1)), "a new epoch should augment anew"
 
 
-def test_train_mae_and_classifier_from_shards(shards) -> None:
+def test_train_mae_and_classifier_from_shards(shards, tmp_path) -> None:
     def fit(model, task: str) -> Trainer:
         dm = StreamingDataModule(str(shards[0]), img_size=SIZE, batch_size=4, task=task)
         trainer = Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
-                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                          default_root_dir=tmp_path)  # the confusion figures go under the run's root
         trainer.fit(model, dm)
         return trainer
 

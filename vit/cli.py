@@ -8,7 +8,9 @@ misconfiguration, a checkpoint that cannot be read, an output that cannot be wri
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import os
 import pickle
@@ -18,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vit import help_cache
 from vit.errors import VitError
 
 if TYPE_CHECKING:
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] in COMMANDS:
             logging.basicConfig(level=logging.WARNING, format="%(message)s")
             return int(importlib.import_module(COMMANDS[argv[0]]).main(argv[1:]) or 0)
+        verb = help_cache.help_verb(argv)
+        if verb is not None:
+            sys.stdout.write(_verb_help(verb, argv))
+            return 0
         return _lightning(argv)
     except Exception as e:
         known = None if debug else describe_error(e)
@@ -155,6 +162,24 @@ def _lightning(argv: list[str]) -> int:
         parser_kwargs={"description": "vitkit: pretrain, fine-tune, evaluate and use Vision Transformers."},
     )
     return 0
+
+
+def _verb_help(verb: str, argv: list[str]) -> str:
+    """A LightningCLI verb's help: the stored text when this setup has rendered it before, else rendered now."""
+    text = help_cache.cached_help(verb)
+    if text is None:
+        os.environ["COLUMNS"] = str(help_cache.WIDTH)  # argparse wraps at $COLUMNS: one text per cache key
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                _lightning(argv)
+        except SystemExit as e:  # argparse ends its help with exit 0; anything else is an error, not a help
+            if e.code not in (0, None):
+                raise
+        text = out.getvalue()
+        if text:
+            help_cache.store_help(verb, text)
+    return text
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
