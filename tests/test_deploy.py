@@ -93,6 +93,17 @@ def test_deploy_bench_compiled_formats_equal_eager(tmp_path: Path) -> None:
     _check_record(record, ["eager", "timm", "compile"])
     profiled = [r for r in record["deploy"] if "profile" in r]
     assert len(profiled) == 2 and all(0 <= r["profile"]["matmul_share"] <= 1 for r in profiled)
+    for r in profiled:  # the matmuls' rate against the peak measured in the same run
+        p = r["profile"]
+        assert p["matmul_peak_flop_s"] == record["peak_flops"]["fp32"] > 0
+        assert p["matmul_flop_s"] > 0 and p["bound_if_only_matmul"] == pytest.approx(1 / p["matmul_share"])
+
+
+def test_matmul_at_peak_follows_from_the_profile() -> None:
+    """4 GFLOP in 50 ms of matmul (half of 100 ms): 80 GFLOP/s, 40% of a 200 GFLOP/s peak, 2x left at most."""
+    got = deploy.matmul_at_peak({"self_ms": 100.0, "matmul_share": 0.5}, flops=4_000_000_000, peak=200e9)
+    assert got == pytest.approx({"matmul_flop_s": 80e9, "matmul_peak_flop_s": 200e9, "matmul_of_peak": 0.4,
+                                 "bound_if_only_matmul": 2.0})
 
 
 @pytest.mark.slow

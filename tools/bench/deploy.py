@@ -26,9 +26,10 @@ from torch import nn
 import vit
 from vit.export.aoti import load_package
 from vit.export.writers import INPUT_NAME, export_model
+from vit.flops import vit_forward_flops
 from vit.models import VisionTransformer
 
-from .cases import timm_twin
+from .cases import matmul_peak_of, timm_twin
 from .timing import time_interleaved
 
 MODELS = ("vit_small_patch16_224", "vit_base_patch16_224")
@@ -149,6 +150,10 @@ def format_deploy(result: dict[str, Any]) -> str:
             text.append(f"profile of {r['format']} {_case(r)}: matmul {100 * p['matmul_share']:.1f}% of "
                         f"{p['self_ms']:,.1f} ms self time per call; top: " + ", ".join(
                             f"{o['op']} {100 * o['share']:.1f}%" for o in p["top"][:6]))
+            if "matmul_flop_s" in p:
+                text.append(f"  matmuls at {p['matmul_flop_s'] / 1e9:,.1f} GFLOP/s = {100 * p['matmul_of_peak']:.0f}% "
+                            f"of the measured fp32 peak ({p['matmul_peak_flop_s'] / 1e9:,.1f} GFLOP/s); with every "
+                            f"other op at zero time this format would be {p['bound_if_only_matmul']:.2f}x faster")
     for case, best in result["ratio.deploy.by_case"].items():
         text.append(f"fastest equal format {case}: {best['format']}, {best['ratio']:.3f}x timm eager"
                     + (f" (bf16: {best['bf16_ratio']:.3f}x)" if "bf16_ratio" in best else ""))
@@ -200,8 +205,20 @@ def _bench_model(args: argparse.Namespace, name: str, formats: list[str], tmp: P
             # torch.profiler sees inside torch's formats only (onnxruntime runs its own kernels)
             fastest = max((i for i, r in enumerate(rows) if r["equal"] and r["format"] in PROFILED),
                           key=lambda i: rows[i]["img_s"])
-            rows[fastest]["profile"] = op_profile(fns[fastest])
+            profile = op_profile(fns[fastest])
+            rows[fastest]["profile"] = {**profile, **matmul_at_peak(profile, batch * vit_forward_flops(model),
+                                                                   matmul_peak_of(args, torch.device("cpu"), "fp32"))}
     return records
+
+
+def matmul_at_peak(profile: dict[str, Any], flops: int, peak: float) -> dict[str, float]:
+    """The profiled call's matrix products against the machine: their FLOP/s (the forward's FLOPs over the
+    matmul time), that over the measured fp32 matmul ``peak``, and the speedup left if everything else took no
+    time (1 / matmul share), which bounds any fp32 format on this CPU once the matmuls run at the peak."""
+    matmul_s = profile["self_ms"] * profile["matmul_share"] / 1e3
+    achieved = flops / matmul_s if matmul_s > 0 else 0.0
+    return {"matmul_flop_s": achieved, "matmul_peak_flop_s": peak, "matmul_of_peak": achieved / peak,
+            "bound_if_only_matmul": 1.0 / profile["matmul_share"] if profile["matmul_share"] > 0 else float("inf")}
 
 
 def op_profile(fn: Callable[[], Any], runs: int = 3, top: int = 10) -> dict[str, Any]:

@@ -9,6 +9,10 @@ timed on the device the same way. CPU cores a GPU needs = the GPU's img/s over t
 measured; on a CUDA device the measured step is the GPU's rate, elsewhere it is assumed from
 ``--gpu-peak-tflops`` x ``--gpu-mfu`` / the step's counted FLOPs per image (default: an H100 SXM's 989 dense bf16
 TFLOP/s, NVIDIA's datasheet, at 40% MFU, an assumption about a well-tuned run).
+
+Beside them, ``device_rows`` times ``data.decode device``: the same decode + crop + flip + normalise of the same
+files on the device (nvjpeg and CUDA kernels on a GPU, torch's threads on a CPU), from encoded batches already in
+memory; it needs no loader cores, so it does not enter the cores-per-GPU figures.
 """
 
 from __future__ import annotations
@@ -43,8 +47,9 @@ def add_options(p: argparse._ActionsContainer) -> None:
     """The ``--data`` options."""
     p.add_argument("--data", action="store_true",
                    help="loader benchmark: img/s per worker count for ImageFolder and litdata shards (decode + "
-                        "RandomResizedCrop 224 + flip + normalise on JPEGs it writes) against --model's train step "
-                        "(default mae_vit_base_patch16), and the CPU cores per GPU that step needs")
+                        "RandomResizedCrop 224 + flip + normalise on JPEGs it writes), the same on the device "
+                        "(data.decode device), against --model's train step (default mae_vit_base_patch16), and the "
+                        "CPU cores per GPU that step needs")
     p.add_argument("--data-images", type=int, default=300, help="JPEGs the --data benchmark writes (default 300)")
     p.add_argument("--data-workers", default="0,1,2", help="loader worker counts to time (default 0,1,2)")
     p.add_argument("--gpu-peak-tflops", type=float, default=989.0,
@@ -63,10 +68,12 @@ def bench_data(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
         jpeg_bytes = write_jpegs(tree, args.data_images)
         optimize_folder(tree, shards, num_workers=max(1, min(4, max(workers))))
         rows = _time_loaders(args, tree, shards, workers)
+        device_rows = _time_device_decode(args, tree, device)
     step = _train_step(args, device)
     return {"other_processes_cpu": others_cpu_share(args.cpu_start), "images": args.data_images,
             "source_size": list(SOURCE_SIZE), "crop": CROP, "jpeg_bytes_mean": statistics.mean(jpeg_bytes),
-            "batch_size": args.batch_size, "rows": rows, "train_step": step, **cores_per_gpu(rows, step, device, args)}
+            "batch_size": args.batch_size, "rows": rows, "device_rows": device_rows, "train_step": step,
+            **cores_per_gpu(rows, step, device, args)}
 
 
 def write_jpegs(root: Path, n: int, seed: int = 0) -> list[int]:
@@ -112,6 +119,9 @@ def format_data(record: dict[str, Any]) -> str:
     for r in record["rows"]:
         lines.append(f"{r['source']:<8} {r['workers']:>7} {r['img_per_s']:>9,.1f} "
                      f"{r['img_per_s'] / max(r['workers'], 1):>10,.1f}")
+    for r in record.get("device_rows", []):
+        lines.append(f"{r['source']:<8} {'-':>7} {r['img_per_s']:>9,.1f} {'':>10} decode: device, on {r['device']}"
+                     + (f" ({r['threads']} CPU threads)" if r["device"] == "cpu" else ""))
     s = record["train_step"]
     lines.append(f"train step: {s['model']} on {s['device']}, batch {s['batch']}: {s['img_per_s']:,.2f} img/s "
                  f"({s['flops_per_img'] / 1e9:.2f} GFLOP per image)")
@@ -142,6 +152,28 @@ def _time_loaders(args: argparse.Namespace, tree: Path, shards: Path, workers: l
             rates[key].append(_pass(loaders[key]))
     return [{"source": src, "workers": w, "img_per_s": statistics.median(rates[src, w]), "per_repeat": rates[src, w]}
             for src, w in keys]
+
+
+def _time_device_decode(args: argparse.Namespace, tree: Path, device: torch.device) -> list[dict[str, Any]]:
+    """img/s of ``decode: device`` on ``device``: MAE's pipeline on encoded batches read once, medians of passes."""
+    dm = ImageDataModule(root=str(tree), img_size=CROP, batch_size=args.batch_size, task="pretrain", drop_last=True,
+                         decode="device")
+    dm.setup("fit")
+    batches = [batch.to(device) for batch in dm.train_dataloader()]
+    images = sum(len(batch.encoded) for batch in batches)
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        for batch in batches:
+            dm.on_after_batch_transfer(batch, 0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return images / max(time.perf_counter() - start, 1e-9)
+
+    one_pass()  # warm-up: CUDA context, nvjpeg handles, page cache
+    rates = [one_pass() for _ in range(args.repeats)]
+    return [{"source": "device", "device": str(device), "threads": torch.get_num_threads(),
+             "img_per_s": statistics.median(rates), "per_repeat": rates}]
 
 
 def _pass(loader: Any) -> float:

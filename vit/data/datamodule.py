@@ -23,6 +23,9 @@ Starting from pretrained weights, `preprocessing_from: <weights folder>` normali
 expect, read from the folder: our export's record, a timm hub folder's `pretrained_cfg`, or a Hugging Face
 `preprocessor_config.json`.
 
+With `decode: device` the loaders yield the encoded files and `on_after_batch_transfer` decodes and augments them
+on the batch's device (nvjpeg on a GPU; see vit.data.device_decode); prediction stays on the CPU.
+
 Training order and augmentation are a pure function of (seed, epoch) through EpochSeededSampler, and the
 train loader is a StatefulDataLoader whose position Lightning stores in checkpoints, so a resumed run sees
 the same remaining batches. Test uses the val set; predict uses `predict_paths` (files and folders) or,
@@ -32,7 +35,7 @@ when unset, the val images.
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -45,6 +48,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from vit.data.builtin import DIGITS_CLASSES, prepare_digits
 from vit.data.datasets import ImageFolderDataset, PredictDataset, UnreadableImagesError, find_classes, scan
+from vit.data.device_decode import EncodedBatch, EncodedImages, build_device_pipeline, collate_encoded, unsupported
 from vit.data.sampler import EpochSeededSampler
 from vit.data.split import stratified_split
 from vit.data.transforms import (
@@ -86,6 +90,9 @@ class ImageDataModule(L.LightningDataModule):
             config.json (or its "vitkit" entry in a timm hub folder), else timm's ``pretrained_cfg``, else a
             Hugging Face ``preprocessor_config.json``. Its input size is only reported: img_size stays the
             model's (the loader resamples positions for another one).
+        decode: "cpu" decodes and augments in the loader workers; "device" decodes and augments each batch on its
+            device after the transfer (for few CPU cores per GPU): task pretrain, aug none|light and evaluation,
+            with on_bad_image "error".
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class ImageDataModule(L.LightningDataModule):
         drop_last: bool = True,
         crop_pct: float = 0.875,
         preprocessing_from: str | None = None,
+        decode: Literal["cpu", "device"] = "cpu",
     ) -> None:
         super().__init__()
         if isinstance(img_size, list):
@@ -125,6 +133,9 @@ class ImageDataModule(L.LightningDataModule):
         self.train_dataset: ImageFolderDataset | None = None
         self.val_dataset: ImageFolderDataset | None = None
         self.predict_dataset: PredictDataset | None = None
+        hp = self.hparams
+        self.device_pipeline = None if decode == "cpu" else build_device_pipeline(
+            self.img_size, hp.mean, hp.std, hp.crop_pct, task, aug)
 
     @property
     def class_names(self) -> list[str]:
@@ -174,25 +185,33 @@ class ImageDataModule(L.LightningDataModule):
         ds = self._need(self.train_dataset, "train")
         sampler = EpochSeededSampler(len(ds), shuffle=True, seed=self.hparams.seed)
         return StatefulDataLoader(
-            ds,
+            self._maybe_encoded(ds, train=True),
             batch_size=self.hparams.batch_size,
             sampler=sampler,
             drop_last=self.hparams.drop_last,
-            **self._loader_kwargs(),
+            **self._loader_kwargs(encoded=True),
         )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_dataset is None:
             return []  # Lightning skips validation for an empty list
-        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size, **self._loader_kwargs())
+        ds = self._maybe_encoded(self.val_dataset, train=False)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, **self._loader_kwargs(encoded=True))
 
     def test_dataloader(self) -> DataLoader:
-        ds = self._need(self.val_dataset, "val (used for test)")
-        return DataLoader(ds, batch_size=self.hparams.batch_size, **self._loader_kwargs())
+        ds = self._maybe_encoded(self._need(self.val_dataset, "val (used for test)"), train=False)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, **self._loader_kwargs(encoded=True))
 
     def predict_dataloader(self) -> DataLoader:
         ds = self._need(self.predict_dataset, "predict")
         return DataLoader(ds, batch_size=self.hparams.batch_size, **self._loader_kwargs())
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode: device``: decode and augment the encoded batch on the device it was moved to."""
+        return self.device_pipeline(batch) if isinstance(batch, EncodedBatch) else batch
+
+    def _maybe_encoded(self, ds: ImageFolderDataset, train: bool) -> Dataset:
+        return ds if self.device_pipeline is None else EncodedImages(ds.samples, train)
 
     def _needs_folders(self, stage: str | None) -> bool:
         return stage != "predict" or self.hparams.predict_paths is None
@@ -251,10 +270,11 @@ class ImageDataModule(L.LightningDataModule):
         raise UnreadableImagesError(f"scan found {len(bad)} unreadable image(s): {names}; fix or remove them, or "
                                     f"set --data.on_bad_image skip")
 
-    def _loader_kwargs(self) -> dict:
+    def _loader_kwargs(self, encoded: bool = False) -> dict:
         hp = self.hparams
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
-        return dict(num_workers=hp.num_workers, pin_memory=pin, persistent_workers=hp.num_workers > 0)
+        collate = {"collate_fn": collate_encoded} if encoded and self.device_pipeline is not None else {}
+        return dict(num_workers=hp.num_workers, pin_memory=pin, persistent_workers=hp.num_workers > 0, **collate)
 
     def _need(self, ds: Dataset | None, name: str) -> Dataset:
         if ds is None:
@@ -294,6 +314,9 @@ def _check_args(args: dict) -> None:
     need(all(s > 0 for s in args["std"]), "std", "positive")
     need(args["seed"] >= 0, "seed", ">= 0")
     need(0.0 < args["crop_pct"] <= 1.0, "crop_pct", "in (0, 1]")
+    need(args["decode"] in ("cpu", "device"), "decode", "'cpu' or 'device'")
+    if args["decode"] == "device" and (why := unsupported(args["task"], args["aug"], args["on_bad_image"])):
+        raise ValueError(f"ImageDataModule: {why}")
     if args["root"] is not None:
         need(Path(args["root"]).expanduser().is_dir(), "root", "an existing folder")
     if args["preprocessing_from"] is not None:

@@ -17,6 +17,9 @@ checkpoints; the order is a function of (seed, epoch, world size, workers, batch
 augmentation of (seed, epoch, sample index), so a resumed run with the same settings replays the remaining
 batches exactly. Train workers are not persistent: a persistent worker would keep its own epoch count, which
 drifts from the loader's when an epoch is cut short (``limit_train_batches``, ``max_steps``).
+
+With ``decode: device`` the loaders yield the stored bytes and ``on_after_batch_transfer`` decodes and augments them
+on the batch's device, each sample seeded by (seed, epoch, sample index) as before (see vit.data.device_decode).
 """
 
 from __future__ import annotations
@@ -32,7 +35,15 @@ from litdata import StreamingDataLoader
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 
-from vit.data.shard_dataset import ImageShardDataset, collate_images
+from vit.data.device_decode import (
+    EncodedBatch,
+    EncodedSample,
+    build_device_pipeline,
+    collate_encoded,
+    encoded_tensor,
+    unsupported,
+)
+from vit.data.shard_dataset import ImageShardDataset, collate_images, sample_seed
 from vit.data.shards import is_url, read_meta, split_location
 from vit.data.transforms import (
     TRAIN_PRESETS,
@@ -62,6 +73,20 @@ class EpochStreamingDataLoader(StreamingDataLoader):
         self.current_epoch = epoch
 
 
+class EncodedShardDataset(ImageShardDataset):
+    """Shards whose items stay encoded (``decode: device``); training items carry their augmentation seed."""
+
+    def __init__(self, *args: Any, train: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.train = train
+
+    def decode(self, sample: dict[str, Any]) -> EncodedSample:
+        index = int(sample["index"])
+        seed = sample_seed(self.seed, self.current_epoch, index) if self.train else None
+        return EncodedSample(encoded_tensor(sample["image"]), int(sample["label"]), index, seed,
+                             bytes(sample["path"]).decode())
+
+
 class StreamingDataModule(L.LightningDataModule):
     """Train / val / test loaders over litdata shards (a local folder or an object-store URL).
 
@@ -82,6 +107,9 @@ class StreamingDataModule(L.LightningDataModule):
         cache_dir: where remote chunks are cached; None is litdata's default.
         max_cache_size: cache budget, e.g. "100GB"; None is litdata's default (most of the free disk).
         storage_options: credentials and endpoint for the object store, passed to litdata.
+        decode: "cpu" decodes and augments in the loader workers; "device" decodes and augments each batch on its
+            device after the transfer (for few CPU cores per GPU): task pretrain, aug none|light and evaluation,
+            with on_bad_image "error".
     """
 
     def __init__(
@@ -102,6 +130,7 @@ class StreamingDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         max_cache_size: str | None = None,
         storage_options: dict | None = None,
+        decode: Literal["cpu", "device"] = "cpu",
     ) -> None:
         super().__init__()
         if isinstance(img_size, list):
@@ -112,6 +141,8 @@ class StreamingDataModule(L.LightningDataModule):
         self._meta: dict[str, Any] | None = None
         self.train_dataset: ImageShardDataset | None = None
         self.val_dataset: ImageShardDataset | None = None
+        self.device_pipeline = None if decode == "cpu" else build_device_pipeline(
+            self.img_size, mean, std, crop_pct, task, aug)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -160,6 +191,10 @@ class StreamingDataModule(L.LightningDataModule):
     def test_dataloader(self) -> EpochStreamingDataLoader:
         return self._loader(self._need(self.val_dataset, "val (used for test)"), persistent=False)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode: device``: decode and augment the encoded batch on the device it was moved to."""
+        return self.device_pipeline(batch) if isinstance(batch, EncodedBatch) else batch
+
     def _train_transform(self) -> Any:
         hp = self.hparams
         if hp.task == "pretrain":
@@ -168,17 +203,19 @@ class StreamingDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str, transform: Any, shuffle: bool, drop_last: bool | None) -> ImageShardDataset:
         hp = self.hparams
-        return ImageShardDataset(
-            split_location(hp.input_dir, split), transform, seed=hp.seed, on_bad_image=hp.on_bad_image,
-            shuffle=shuffle, drop_last=drop_last, cache_dir=hp.cache_dir, max_cache_size=hp.max_cache_size,
-            storage_options=hp.storage_options,
-        )
+        location = split_location(hp.input_dir, split)
+        kwargs = dict(seed=hp.seed, on_bad_image=hp.on_bad_image, shuffle=shuffle, drop_last=drop_last,
+                      cache_dir=hp.cache_dir, max_cache_size=hp.max_cache_size, storage_options=hp.storage_options)
+        if self.device_pipeline is not None:
+            return EncodedShardDataset(location, transform, train=split == "train", **kwargs)
+        return ImageShardDataset(location, transform, **kwargs)
 
     def _loader(self, ds: ImageShardDataset, persistent: bool) -> EpochStreamingDataLoader:
         hp = self.hparams
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        collate = collate_images if self.device_pipeline is None else collate_encoded
         return EpochStreamingDataLoader(ds, batch_size=hp.batch_size, num_workers=hp.num_workers, pin_memory=pin,
-                                        persistent_workers=persistent, collate_fn=collate_images)
+                                        persistent_workers=persistent, collate_fn=collate)
 
     def _need(self, ds: ImageShardDataset | None, name: str) -> ImageShardDataset:
         if ds is None:
@@ -210,6 +247,9 @@ def _check_args(args: dict) -> None:
     need(all(s > 0 for s in args["std"]), "std", "positive")
     need(args["seed"] >= 0, "seed", ">= 0")
     need(0.0 < args["crop_pct"] <= 1.0, "crop_pct", "in (0, 1]")
+    need(args["decode"] in ("cpu", "device"), "decode", "'cpu' or 'device'")
+    if args["decode"] == "device" and (why := unsupported(args["task"], args["aug"], args["on_bad_image"])):
+        raise ValueError(f"StreamingDataModule: {why}")
     location = args["input_dir"]
     need(isinstance(location, str) and bool(location), "input_dir", "a shards folder or URL")
     if not is_url(location):

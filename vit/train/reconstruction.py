@@ -100,4 +100,7 @@ def _spread_images(trainer: Trainer, n: int) -> torch.Tensor | None:
         return None
     indices = torch.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().long().tolist()
     items = [dataset[i] for i in indices]
+    pipeline = getattr(trainer.datamodule, "device_pipeline", None)
+    if pipeline is not None:  # data.decode device: the data set yields encoded files, decoded batch by batch
+        return pipeline(loader.collate_fn(items))[0]
     return torch.stack([item[0] if isinstance(item, list | tuple) else item for item in items])
