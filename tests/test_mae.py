@@ -105,6 +105,22 @@ def test_patchify_matches_reference_order(mae: MaskedAutoencoder) -> None:
     torch.testing.assert_close(patch.permute(2, 0, 1), imgs[0, :, 4:8, 8:12])
 
 
+def test_patchify_ignores_memory_format(mae: MaskedAutoencoder) -> None:
+    imgs = torch.randn(2, 3, 32, 32)
+    expected = torch.einsum("bchpwq->bhwpqc", imgs.reshape(2, 3, 8, 4, 8, 4)).reshape(2, 64, 48)
+    assert torch.equal(mae.patchify(imgs), expected)
+    assert torch.equal(mae.patchify(imgs.contiguous(memory_format=torch.channels_last)), expected)
+
+
+def test_forward_patchifies_once(mae: MaskedAutoencoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    expected = mae(imgs, 0.75, noise)[0]
+    calls = []
+    patchify = mae.patchify
+    monkeypatch.setattr(mae, "patchify", lambda x: calls.append(x) or patchify(x))
+    assert mae(imgs, 0.75, noise)[0].item() == expected.item() and len(calls) == 1
+
+
 def test_reconstruct_denormalises_norm_pix(tiny_mae_args: dict) -> None:
     mae = MaskedAutoencoder(**tiny_mae_args, norm_pix_loss=True)
     imgs = torch.rand(2, 3, 32, 32)

@@ -111,9 +111,9 @@ class MaskedAutoencoder(nn.Module):
         """Images [B, C, H, W] → patches [B, L, ph·pw·C], pixels ordered (row, column, channel) as MAE."""
         B, C, H, W = imgs.shape
         (ph, pw), (gh, gw) = self.patch_size, self.encoder.patch_embed.grid_size_for((H, W))
-        x = imgs.reshape(B, C, gh, ph, gw, pw)
-        x = torch.einsum("bchpwq->bhwpqc", x)
-        return x.reshape(B, gh * gw, ph * pw * C)
+        # channels last first: on a CPU two copies that move runs of pixels beat one 6-D permute with C innermost
+        x = imgs.permute(0, 2, 3, 1).contiguous().view(B, gh, ph, gw, pw, C)
+        return x.transpose(2, 3).reshape(B, gh * gw, ph * pw * C)
 
     def unpatchify(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Patches [B, L, ph·pw·C] → images [B, C, H, W] (the inverse of ``patchify``)."""
@@ -140,13 +140,15 @@ class MaskedAutoencoder(nn.Module):
         return x_kept, mask, ids_restore
 
     def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask, embed and encode the visible patches: → latent [B, prefix + L_keep, D], mask, ids_restore.
 
         Only the kept patches are embedded: their pixels are gathered and projected with the patch embedding's
         own weights (``PatchEmbed.forward_patches``), a matmul over L_keep patches instead of the convolution
         over all L; the same tokens as embedding all and keeping some, up to fp32 summation order.
+        ``patches``: ``patchify(imgs)`` when the caller has it already.
         """
         enc = self.encoder
         P = enc.num_prefix_tokens
@@ -154,7 +156,7 @@ class MaskedAutoencoder(nn.Module):
         grid = self._encoder_grid(imgs, mask_ratio)
         if grid is not None:  # a patterned encoder at mask ratio 0: keep the patches in raster order
             noise = torch.arange(enc.patch_embed.num_patches, device=imgs.device).float().expand(imgs.shape[0], -1)
-        patches = self.patchify(imgs)  # (B, L, ph·pw·C)
+        patches = self.patchify(imgs) if patches is None else patches  # (B, L, ph·pw·C)
         B, L, K = patches.shape
         ids_keep, mask, ids_restore = self._keep_ids(B, L, mask_ratio, noise, patches)
         kept = torch.gather(patches, 1, ids_keep.unsqueeze(-1).expand(-1, -1, K))  # (B, L_keep, ph·pw·C)
@@ -185,9 +187,14 @@ class MaskedAutoencoder(nn.Module):
             x = blk(x, self.grid_size)
         return self.decoder_pred(self.decoder_norm(x)[:, P:])  # the prefix tokens predict no pixels
 
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the masked patches only (over all patches when none is masked)."""
-        target = self.patchify(imgs)
+    def forward_loss(
+        self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patches: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean squared error over the masked patches only (over all patches when none is masked).
+
+        ``patches``: ``patchify(imgs)`` when the caller has it already.
+        """
+        target = self.patchify(imgs) if patches is None else patches
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
@@ -200,9 +207,11 @@ class MaskedAutoencoder(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images [B, C, H, W] → (loss, pred [B, L, ph·pw·C], mask [B, L] with 1 = masked)."""
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        self.encoder.patch_embed.check_images(imgs)
+        patches = self.patchify(imgs)  # once: the kept ones are embedded, all are the target
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, patches)
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        return self.forward_loss(imgs, pred, mask, patches), pred, mask
 
     def _encoder_grid(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[int, int] | None:
         """The patch grid a patterned encoder needs (None for a dense one); ValueError when patches are masked."""
